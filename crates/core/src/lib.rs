@@ -1,0 +1,15 @@
+//! saelab-core: the small shared base of the saelab pipeline.
+//!
+//! Everything numerically hot and shared between the LM forward (`saelab-lm`) and the
+//! SAE trainer (`saelab-sae`) lives here, so both stages use one GEMM and one RNG:
+//!
+//! - [`gemm`]: `C = alpha * A * B + beta * C` on strided f32 views, multithreaded.
+//! - [`rng`]: a small deterministic RNG (SplitMix64 seeding a xoshiro256++ stream).
+//! - [`source`]: the [`source::ActivationSource`] trait the trainer and evaluations
+//!   read activations through (a memory-mapped store, an in-memory matrix, or the LM).
+//! - [`fsutil`]: write-to-temp-then-rename helpers, so no command leaves half a file.
+
+pub mod fsutil;
+pub mod gemm;
+pub mod rng;
+pub mod source;

@@ -1,0 +1,1 @@
+//! saelab-eval: the SAEBench evaluations.

@@ -1,0 +1,1 @@
+//! saelab-report: experiment plans, the runner, reports.

@@ -1,0 +1,1 @@
+//! saelab-sae: sparse autoencoders and their trainer.
