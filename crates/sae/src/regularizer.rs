@@ -1,0 +1,92 @@
+//! The extension point through which the research methods (and any future auxiliary
+//! loss on the codes or the decoder) join a training step without the trainer knowing
+//! their details.
+//!
+//! Order inside a step: encode -> sparse codes -> every regularizer's `penalty` adds its
+//! gradient with respect to the code values (and optionally the decoder rows it
+//! touches) -> the trainer backpropagates `grad_val` through the encoder sparsely ->
+//! optimizer step -> `after_step` (statistics, reactivation).
+
+use crate::codes::SparseCodes;
+use anyhow::Result;
+
+/// What a step looks like to a regularizer.
+pub struct StepContext<'a> {
+    /// Optimizer step index (0-based) and planned total steps; `p = step / total`.
+    pub step: usize,
+    pub total_steps: usize,
+    pub d_in: usize,
+    pub d_sae: usize,
+    /// The batch's input activations (normalised as the SAE sees them), [rows, d_in].
+    pub x: &'a [f32],
+    /// The reconstruction, [rows, d_in].
+    pub x_hat: &'a [f32],
+    /// Decoder rows, [d_sae, d_in], row-major.
+    pub w_dec: &'a [f32],
+    /// Pre-activations of the active latents, aligned with `codes.val`, when the
+    /// architecture has them (TopK, BatchTopK, ReLU keep them).
+    pub pre_active: Option<&'a [f32]>,
+}
+
+impl StepContext<'_> {
+    pub fn progress(&self) -> f64 {
+        if self.total_steps == 0 {
+            0.0
+        } else {
+            self.step as f64 / self.total_steps as f64
+        }
+    }
+}
+
+/// Sparse gradient contributions to decoder rows: `(latent, grad row of length d_in)`.
+/// Rows may repeat; the trainer sums them.
+#[derive(Default, Debug, Clone)]
+pub struct DecoderRowGrads {
+    pub latents: Vec<u32>,
+    pub grads: Vec<f32>,
+}
+
+impl DecoderRowGrads {
+    pub fn push(&mut self, latent: u32, grad: &[f32]) {
+        self.latents.push(latent);
+        self.grads.extend_from_slice(grad);
+    }
+}
+
+/// A regularizer's contribution to one step.
+#[derive(Default, Debug, Clone)]
+pub struct PenaltyOut {
+    /// The weighted penalty added to the loss.
+    pub loss: f64,
+    /// Named scalars for the metrics log (threshold, weight, pair counts, ...).
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Adaptive per-latent gate: lets a method replace the architecture's activation rule
+/// (Method 2's z-score thresholds). Returns, for a row of pre-activations, whether each
+/// latent fires. Implementations keep their own statistics.
+pub trait Gate: Send {
+    fn name(&self) -> &str;
+    /// Update statistics from a batch of pre-activations [rows, d_sae] and return the
+    /// per-latent thresholds to use this step.
+    fn thresholds(&mut self, pre: &[f32], rows: usize, d_sae: usize) -> &[f32];
+}
+
+pub trait Regularizer: Send {
+    fn name(&self) -> &str;
+
+    /// Compute the penalty for this step. Add d(loss)/d(codes.val) into `grad_val`
+    /// (aligned with `codes.val`), and d(loss)/d(W_dec rows) into `grad_dec`.
+    fn penalty(
+        &mut self,
+        ctx: &StepContext,
+        codes: &SparseCodes,
+        grad_val: &mut [f32],
+        grad_dec: &mut DecoderRowGrads,
+    ) -> Result<PenaltyOut>;
+
+    /// Called after the optimizer step; may return latents to re-initialise.
+    fn after_step(&mut self, _ctx: &StepContext, _codes: &SparseCodes) -> Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
+}
