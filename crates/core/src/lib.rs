@@ -7,8 +7,10 @@
 //! - [`rng`]: a small deterministic RNG (SplitMix64 seeding a xoshiro256++ stream).
 //! - [`source`]: the [`source::ActivationSource`] trait the trainer and evaluations
 //!   read activations through (a memory-mapped store, an in-memory matrix, or the LM).
+//! - [`assets`]: the cache of the default model and corpora, fetched with pip and npm.
 //! - [`fsutil`]: write-to-temp-then-rename helpers, so no command leaves half a file.
 
+pub mod assets;
 pub mod fsutil;
 pub mod gemm;
 pub mod rng;
