@@ -1,1 +1,56 @@
-fn main() {}
+//! The `saelab` command line: one binary for the whole pipeline
+//! (fetch -> cache activations -> train -> evaluate -> report).
+//!
+//! Each subcommand lives in its own module and only parses arguments and calls the
+//! library crates; no numerics live here.
+
+mod fetch;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "saelab",
+    version,
+    about = "Train, evaluate and compare sparse autoencoders on real language-model activations",
+    long_about = "saelab trains sparse autoencoders (SAEs) on the activations of a real language \
+model, evaluates them with the SAEBench suite and writes reports.\n\n\
+Start with `saelab quickstart`: it fetches the default model (SmolLM2-135M-Instruct) and corpora \
+into $SAELAB_HOME, caches activations, trains a TopK baseline, the progressive-orthogonality method \
+and its static control, evaluates them and prints where the report is.",
+    after_help = "Environment: SAELAB_HOME (cache of models/corpora, default ~/.cache/saelab), \
+RUST_LOG (log filter, default info), RAYON_NUM_THREADS (threads, default all cores)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download the default model and corpora into $SAELAB_HOME (idempotent).
+    Fetch(fetch::FetchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch(a) => fetch::run(a),
+    }
+}
