@@ -4,9 +4,15 @@
 //! an LM forward, so this one entry point is what every hot path calls. Views carry a
 //! row stride and a column stride, so transposes are free (`MatRef::t`).
 //!
-//! Implementation: dispatches to the fastest kernel available at run time (see
-//! `docs/benchmarks.md` for the measured choice); the portable fallback is the
-//! `matrixmultiply` crate, multithreaded.
+//! Implementation: a packed, blocked driver (`driver`) around an AVX-512 14 x 32
+//! microkernel (`avx512`), chosen at run time with `is_x86_feature_detected!`; without
+//! AVX-512 the multithreaded fallback is the `matrixmultiply` crate and the serial one a
+//! portable kernel. Measurements: `docs/benchmarks.md` (`cargo bench -p saelab-core --bench gemm`).
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod driver;
+mod portable;
 
 /// A read-only strided matrix view. Element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -32,12 +38,24 @@ impl<'a> MatRef<'a> {
     /// A row-major `rows x cols` matrix over `data` (row stride = cols).
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert!(data.len() >= rows * cols, "MatRef: buffer too small");
-        MatRef { data, rows, cols, rs: cols as isize, cs: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
     }
 
     /// The transpose, as a view (no copy).
     pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 
     #[inline]
@@ -58,7 +76,13 @@ impl<'a> MatRef<'a> {
 impl<'a> MatMut<'a> {
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         assert!(data.len() >= rows * cols, "MatMut: buffer too small");
-        MatMut { data, rows, cols, rs: cols as isize, cs: 1 }
+        MatMut {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
     }
 
     fn check(&self) {
@@ -73,40 +97,132 @@ impl<'a> MatMut<'a> {
 
 /// `C = alpha * A * B + beta * C`. Shapes: A m x k, B k x n, C m x n.
 /// With `beta == 0`, C's previous contents are ignored (NaNs in C do not propagate).
+///
+/// Multithreaded over rayon's pool when the product is large enough to amortise a fork
+/// (see [`SERIAL_BELOW`]); smaller calls run on the calling thread, as [`gemm_serial`].
 pub fn gemm(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+    let (m, k, n) = check_shapes(&a, &b, &c);
+    let threads = if m * n * k < SERIAL_BELOW {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    gemm_dispatch(m, n, k, alpha, a, b, beta, c, threads);
+}
+
+/// Same contract as [`gemm`], always on the calling thread (never spawns or joins
+/// threads): for callers that already parallelise, e.g. per attention head.
+pub fn gemm_serial(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+    let (m, k, n) = check_shapes(&a, &b, &c);
+    gemm_dispatch(m, n, k, alpha, a, b, beta, c, 1);
+}
+
+/// Products with fewer than this many multiply-adds (`m * n * k`) run single-threaded in
+/// [`gemm`]: below ~2 M FMAs (about 15 us on one core) a rayon fork/join costs more than
+/// the second core saves, and the small per-head attention GEMMs land here.
+pub const SERIAL_BELOW: usize = 1 << 21;
+
+/// The kernel family [`gemm`] uses on this CPU (for logs and benchmark reports).
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return "avx512-14x32";
+    }
+    "matrixmultiply (threaded) / portable-8x8 (serial)"
+}
+
+fn check_shapes(a: &MatRef, b: &MatRef, c: &MatMut) -> (usize, usize, usize) {
     assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
     assert_eq!(a.rows, c.rows, "gemm: A rows != C rows");
     assert_eq!(b.cols, c.cols, "gemm: B cols != C cols");
     a.check();
     b.check();
     c.check();
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    (a.rows, a.cols, b.cols)
+}
+
+/// True when distinct (i, j) of C map to distinct addresses — required for writing
+/// tiles independently (and from several threads).
+fn c_is_injective(c: &MatMut) -> bool {
+    let (rs, cs) = (c.rs as usize, c.cs as usize);
+    let (rows, cols) = (c.rows, c.cols);
+    if rows <= 1 && cols <= 1 {
+        return true;
+    }
+    if rows <= 1 {
+        return cs > 0;
+    }
+    if cols <= 1 {
+        return rs > 0;
+    }
+    // The smaller stride's whole extent must fit inside one step of the larger one.
+    let ((s_small, d_small), s_large) = if rs <= cs {
+        ((rs, rows), cs)
+    } else {
+        ((cs, cols), rs)
+    };
+    s_small > 0 && s_large >= s_small * d_small
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_dispatch(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: MatMut,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
+    if k == 0 || alpha == 0.0 {
         scale_c(beta, c);
         return;
     }
-    if beta == 0.0 {
-        // matrixmultiply treats beta == 0 as overwrite already; keep the contract explicit.
+    if !c_is_injective(&c) {
+        // Overlapping output elements (a zero or interleaved stride): only a sequential
+        // element order has a defined result.
+        gemm_reference(alpha, a, b, beta, c);
+        return;
     }
+    let av = driver::View {
+        ptr: a.data.as_ptr(),
+        rs: a.rs,
+        cs: a.cs,
+    };
+    let bv = driver::View {
+        ptr: b.data.as_ptr(),
+        rs: b.rs,
+        cs: b.cs,
+    };
+    let cv = driver::ViewMut {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.rs,
+        cs: c.cs,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: shapes and bounds were checked by `check_shapes`; C is injective and
+        // exclusively borrowed, so tiles written by different tasks never overlap.
+        unsafe {
+            driver::gemm_blocked::<avx512::Avx512Main>(m, n, k, alpha, av, bv, beta, cv, threads)
+        };
+        return;
+    }
+    if threads <= 1 {
+        // SAFETY: as above.
+        unsafe { driver::gemm_blocked::<portable::Portable>(m, n, k, alpha, av, bv, beta, cv, 1) };
+        return;
+    }
+    // SAFETY: as above; matrixmultiply takes the same (ptr, rs, cs) description and,
+    // like our kernels, does not read C when beta == 0.
     unsafe {
         matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr(),
-            a.rs,
-            a.cs,
-            b.data.as_ptr(),
-            b.rs,
-            b.cs,
-            beta,
-            c.data.as_mut_ptr(),
-            c.rs,
-            c.cs,
+            m, k, n, alpha, av.ptr, a.rs, a.cs, bv.ptr, b.rs, b.cs, beta, cv.ptr, c.rs, c.cs,
         );
     }
 }
@@ -130,7 +246,11 @@ pub fn gemm_reference(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
                 acc += a.at(i, p) as f64 * b.at(p, j) as f64;
             }
             let idx = (i as isize * c.rs + j as isize * c.cs) as usize;
-            let prev = if beta == 0.0 { 0.0 } else { beta as f64 * c.data[idx] as f64 };
+            let prev = if beta == 0.0 {
+                0.0
+            } else {
+                beta as f64 * c.data[idx] as f64
+            };
             c.data[idx] = (alpha as f64 * acc + prev) as f32;
         }
     }
@@ -141,7 +261,26 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    fn check(m: usize, k: usize, n: usize, ta: bool, tb: bool, alpha: f32, beta: f32) {
+    type GemmFn = fn(f32, MatRef, MatRef, f32, MatMut);
+
+    fn assert_close(got: &[f32], want: &[f32], k: usize, what: &str) {
+        for (idx, (x, y)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-4 * (1.0 + y.abs()) * (k.max(1) as f32).sqrt();
+            assert!((x - y).abs() <= tol, "{what}: element {idx}: {x} vs {y}");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_with(
+        f: GemmFn,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) {
         let mut r = Rng::new((m * 31 + k * 7 + n) as u64);
         let mut a = vec![0f32; m * k];
         let mut b = vec![0f32; k * n];
@@ -149,24 +288,286 @@ mod tests {
         r.fill_normal(&mut b, 1.0);
         let mut c0 = vec![0f32; m * n];
         r.fill_normal(&mut c0, 1.0);
-        let av = if ta { MatRef::row_major(&a, k, m).t() } else { MatRef::row_major(&a, m, k) };
-        let bv = if tb { MatRef::row_major(&b, n, k).t() } else { MatRef::row_major(&b, k, n) };
+        let av = if ta {
+            MatRef::row_major(&a, k, m).t()
+        } else {
+            MatRef::row_major(&a, m, k)
+        };
+        let bv = if tb {
+            MatRef::row_major(&b, n, k).t()
+        } else {
+            MatRef::row_major(&b, k, n)
+        };
         let mut c1 = c0.clone();
         let mut c2 = c0.clone();
-        gemm(alpha, av, bv, beta, MatMut::row_major(&mut c1, m, n));
+        f(alpha, av, bv, beta, MatMut::row_major(&mut c1, m, n));
         gemm_reference(alpha, av, bv, beta, MatMut::row_major(&mut c2, m, n));
-        for (x, y) in c1.iter().zip(&c2) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()) * (k as f32).sqrt(), "{x} vs {y} ({m},{k},{n},{ta},{tb})");
+        assert_close(
+            &c1,
+            &c2,
+            k,
+            &format!("({m},{k},{n}) ta={ta} tb={tb} alpha={alpha} beta={beta}"),
+        );
+    }
+
+    const TRANSPOSES: [(bool, bool); 4] =
+        [(false, false), (true, false), (false, true), (true, true)];
+
+    #[test]
+    fn matches_reference_on_random_shapes() {
+        // Edges of the 14 x 32 tile, 16-lane vectors and the 16 x 16 transpose, plus
+        // depths that split into several kc blocks.
+        let shapes = [
+            (1, 1, 1),
+            (3, 5, 7),
+            (14, 16, 32),
+            (15, 17, 33),
+            (13, 31, 31),
+            (17, 33, 65),
+            (29, 300, 47),
+            (64, 128, 96),
+            (130, 70, 33),
+            (1, 64, 100),
+            (100, 64, 1),
+        ];
+        for &(m, k, n) in &shapes {
+            for &(ta, tb) in &TRANSPOSES {
+                for f in [gemm as GemmFn, gemm_serial] {
+                    check_with(f, m, k, n, ta, tb, 1.0, 0.0);
+                    check_with(f, m, k, n, ta, tb, 0.5, 1.0);
+                    check_with(f, m, k, n, ta, tb, -1.5, 0.25);
+                }
+            }
         }
     }
 
     #[test]
-    fn matches_reference_on_random_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 128, 96), (130, 70, 33)] {
-            for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
-                check(m, k, n, ta, tb, 1.0, 0.0);
-                check(m, k, n, ta, tb, 0.5, 1.0);
+    fn large_blocked_and_threaded_shapes_match_reference() {
+        // Above SERIAL_BELOW (threaded), k above one kc block, m above one mc block, and
+        // n above one nc block (forcing several column tasks).
+        for &(m, k, n) in &[(400, 600, 90), (70, 520, 300), (20, 30, 4200)] {
+            for &(ta, tb) in &TRANSPOSES {
+                check_with(gemm, m, k, n, ta, tb, 1.0, 0.0);
+                check_with(gemm, m, k, n, ta, tb, 0.75, -0.5);
             }
         }
+    }
+
+    #[test]
+    fn beta_zero_ignores_nan_in_c() {
+        let (m, k, n) = (19, 23, 37);
+        let mut r = Rng::new(5);
+        let mut a = vec![0f32; m * k];
+        let mut b = vec![0f32; k * n];
+        r.fill_normal(&mut a, 1.0);
+        r.fill_normal(&mut b, 1.0);
+        for f in [gemm as GemmFn, gemm_serial] {
+            let mut c = vec![f32::NAN; m * n];
+            f(
+                1.0,
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(&b, k, n),
+                0.0,
+                MatMut::row_major(&mut c, m, n),
+            );
+            let mut want = vec![0f32; m * n];
+            gemm_reference(
+                1.0,
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(&b, k, n),
+                0.0,
+                MatMut::row_major(&mut want, m, n),
+            );
+            assert_close(&c, &want, k, "beta=0 over NaN");
+            // k == 0 and alpha == 0 take the scaling path, which must also overwrite.
+            let mut c = vec![f32::NAN; m * n];
+            f(
+                1.0,
+                MatRef::row_major(&a, m, 0),
+                MatRef::row_major(&b, 0, n),
+                0.0,
+                MatMut::row_major(&mut c, m, n),
+            );
+            assert!(c.iter().all(|&x| x == 0.0));
+            let mut c = vec![f32::NAN; m * n];
+            f(
+                0.0,
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(&b, k, n),
+                0.0,
+                MatMut::row_major(&mut c, m, n),
+            );
+            assert!(c.iter().all(|&x| x == 0.0));
+        }
+        // With beta != 0 a NaN in C must propagate (it is part of the result).
+        let mut c = vec![0f32; m * n];
+        c[7] = f32::NAN;
+        gemm(
+            1.0,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, k, n),
+            1.0,
+            MatMut::row_major(&mut c, m, n),
+        );
+        assert!(c[7].is_nan() && c.iter().filter(|x| x.is_nan()).count() == 1);
+    }
+
+    #[test]
+    fn arbitrary_strides_match_reference() {
+        // Sub-matrix views (row stride > cols), a column-major C, a C with column step 2,
+        // and a B with both strides non-unit (the generic packing path).
+        let (m, k, n) = (21, 45, 38);
+        let mut r = Rng::new(11);
+        let mut abuf = vec![0f32; 40 * 60];
+        let mut bbuf = vec![0f32; 3 * 50 * 2 * 40];
+        r.fill_normal(&mut abuf, 1.0);
+        r.fill_normal(&mut bbuf, 1.0);
+        let a = MatRef {
+            data: &abuf,
+            rows: m,
+            cols: k,
+            rs: 60,
+            cs: 1,
+        };
+        let b_sets = [
+            MatRef {
+                data: &bbuf,
+                rows: k,
+                cols: n,
+                rs: 41,
+                cs: 1,
+            },
+            MatRef {
+                data: &bbuf,
+                rows: k,
+                cols: n,
+                rs: 1,
+                cs: 47,
+            },
+            MatRef {
+                data: &bbuf,
+                rows: k,
+                cols: n,
+                rs: 2 * n as isize * 3,
+                cs: 3,
+            },
+        ];
+        for b in b_sets {
+            for (rs, cs, len) in [
+                (n as isize, 1, m * n),
+                (1, m as isize, m * n),
+                (2 * n as isize + 3, 2, m * (2 * n + 3)),
+            ] {
+                let mut c0 = vec![0f32; len];
+                r.fill_normal(&mut c0, 1.0);
+                for f in [gemm as GemmFn, gemm_serial] {
+                    let mut c1 = c0.clone();
+                    let mut c2 = c0.clone();
+                    f(
+                        0.5,
+                        a,
+                        b,
+                        2.0,
+                        MatMut {
+                            data: &mut c1,
+                            rows: m,
+                            cols: n,
+                            rs,
+                            cs,
+                        },
+                    );
+                    gemm_reference(
+                        0.5,
+                        a,
+                        b,
+                        2.0,
+                        MatMut {
+                            data: &mut c2,
+                            rows: m,
+                            cols: n,
+                            rs,
+                            cs,
+                        },
+                    );
+                    assert_close(
+                        &c1,
+                        &c2,
+                        k,
+                        &format!("strides B=({},{}) C=({rs},{cs})", b.rs, b.cs),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_kernel_matches_reference() {
+        // The non-AVX-512 serial path, exercised directly so this machine tests it too.
+        fn portable(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+            let (m, k, n) = (a.rows, a.cols, b.cols);
+            let av = driver::View {
+                ptr: a.data.as_ptr(),
+                rs: a.rs,
+                cs: a.cs,
+            };
+            let bv = driver::View {
+                ptr: b.data.as_ptr(),
+                rs: b.rs,
+                cs: b.cs,
+            };
+            let cv = driver::ViewMut {
+                ptr: c.data.as_mut_ptr(),
+                rs: c.rs,
+                cs: c.cs,
+            };
+            unsafe {
+                driver::gemm_blocked::<portable::Portable>(m, n, k, alpha, av, bv, beta, cv, 1)
+            };
+        }
+        for &(m, k, n) in &[(1, 1, 1), (9, 17, 15), (70, 300, 20)] {
+            for &(ta, tb) in &TRANSPOSES {
+                check_with(portable, m, k, n, ta, tb, 1.0, 0.0);
+                check_with(portable, m, k, n, ta, tb, 0.5, 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_output_views_fall_back_to_sequential_order() {
+        // rs == 0: every row of C is the same memory; the defined result is the last row's.
+        let (m, k, n) = (3, 4, 5);
+        let a: Vec<f32> = (0..m * k).map(|x| x as f32 * 0.25).collect();
+        let b: Vec<f32> = (0..k * n).map(|x| 1.0 - x as f32 * 0.1).collect();
+        let mut c1 = vec![1f32; n];
+        let mut c2 = vec![1f32; n];
+        let av = MatRef::row_major(&a, m, k);
+        let bv = MatRef::row_major(&b, k, n);
+        gemm(
+            1.0,
+            av,
+            bv,
+            1.0,
+            MatMut {
+                data: &mut c1,
+                rows: m,
+                cols: n,
+                rs: 0,
+                cs: 1,
+            },
+        );
+        gemm_reference(
+            1.0,
+            av,
+            bv,
+            1.0,
+            MatMut {
+                data: &mut c2,
+                rows: m,
+                cols: n,
+                rs: 0,
+                cs: 1,
+            },
+        );
+        assert_eq!(c1, c2);
     }
 }

@@ -1,0 +1,397 @@
+//! The blocked (Goto/BLIS-style) GEMM driver shared by every microkernel.
+//!
+//! Loop nest, outermost first: column blocks of C (`nc`), depth blocks (`kc`, B block
+//! packed once here), row blocks (`mc`, A block packed here), then `nr`-wide and `mr`-tall
+//! micro-tiles handed to the kernel. Packing copies each operand into the exact order the
+//! kernel streams it (zero-padded to whole tiles), so any stride combination — row-major,
+//! transposed views, arbitrary steps — runs the same inner loop at the same speed.
+//!
+//! Parallelism: C is cut into independent tasks (column ranges when N is wide, row ranges
+//! otherwise); each task packs its own panels into thread-local buffers, so threads never
+//! share a mutable buffer and no call allocates once the buffers have grown.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A read-only strided operand: element (i, j) is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// The output operand.
+#[derive(Clone, Copy)]
+pub(crate) struct ViewMut {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: tasks write disjoint tiles of C and only read A and B; the public entry points
+// hold the borrows of the underlying slices for the whole call.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+unsafe impl Send for ViewMut {}
+unsafe impl Sync for ViewMut {}
+
+impl View {
+    #[inline(always)]
+    pub unsafe fn at(&self, i: usize, j: usize) -> *const f32 {
+        self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+/// A microkernel: computes an `MR x NR` tile of `A_panel * B_panel` over `kc` steps and
+/// writes `alpha * acc + beta * C` into the first `mr x nr` entries of the C tile.
+pub(crate) trait Kernel {
+    const MR: usize;
+    const NR: usize;
+    /// Depth of one packed block (B micro-panel `kc x NR` should stay in L1).
+    const KC: usize;
+    /// Rows of A packed at once (the `mc x kc` block should stay in L2).
+    const MC: usize;
+    /// Columns of B packed at once (the `kc x nc` block lives in L3).
+    const NC: usize;
+
+    /// # Safety
+    /// `a` holds `kc * MR` packed floats, `b` holds `kc * NR` packed floats (64-byte
+    /// aligned), `c` addresses an `mr x nr` tile with strides `rsc`, `csc`; `beta == 0`
+    /// must not read C.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+        mr: usize,
+        nr: usize,
+        alpha: f32,
+        beta: f32,
+    );
+
+    /// Pack B rows `pc..pc+kc`, columns `j0..j0+nc` as `ceil(nc/NR)` panels of
+    /// `kc x NR` (row p of a panel contiguous), zero-padding the last panel.
+    ///
+    /// # Safety
+    /// `dst` has room for `kc * round_up(nc, NR)` floats; the B range is in bounds.
+    unsafe fn pack_b(dst: *mut f32, b: View, pc: usize, kc: usize, j0: usize, nc: usize) {
+        pack_b_generic(Self::NR, dst, b, pc, kc, j0, nc)
+    }
+
+    /// Pack A rows `i0..i0+mc`, columns `pc..pc+kc` as `ceil(mc/MR)` panels of
+    /// `kc x MR` (column p of a panel contiguous), zero-padding the last panel.
+    ///
+    /// # Safety
+    /// `dst` has room for `kc * round_up(mc, MR)` floats; the A range is in bounds.
+    unsafe fn pack_a(dst: *mut f32, a: View, i0: usize, mc: usize, pc: usize, kc: usize) {
+        pack_a_generic(Self::MR, dst, a, i0, mc, pc, kc)
+    }
+}
+
+/// Portable B packing; picks the loop order that reads B contiguously.
+pub(crate) unsafe fn pack_b_generic(
+    nr_t: usize,
+    dst: *mut f32,
+    b: View,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+) {
+    let panels = nc.div_ceil(nr_t);
+    for jp in 0..panels {
+        let jb = j0 + jp * nr_t;
+        let w = nr_t.min(nc - jp * nr_t);
+        let d = dst.add(jp * kc * nr_t);
+        if b.cs == 1 {
+            for p in 0..kc {
+                let src = b.at(pc + p, jb);
+                let drow = d.add(p * nr_t);
+                std::ptr::copy_nonoverlapping(src, drow, w);
+                for jj in w..nr_t {
+                    *drow.add(jj) = 0.0;
+                }
+            }
+        } else {
+            // Column-contiguous (transposed) B: walk each column down, scatter into rows.
+            for jj in 0..nr_t {
+                if jj < w {
+                    let src = b.at(pc, jb + jj);
+                    for p in 0..kc {
+                        *d.add(p * nr_t + jj) = *src.offset(p as isize * b.rs);
+                    }
+                } else {
+                    for p in 0..kc {
+                        *d.add(p * nr_t + jj) = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Portable A packing; picks the loop order that reads A contiguously.
+pub(crate) unsafe fn pack_a_generic(
+    mr_t: usize,
+    dst: *mut f32,
+    a: View,
+    i0: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+) {
+    let panels = mc.div_ceil(mr_t);
+    for ip in 0..panels {
+        let ib = i0 + ip * mr_t;
+        let h = mr_t.min(mc - ip * mr_t);
+        let d = dst.add(ip * kc * mr_t);
+        if a.rs == 1 {
+            // Transposed A (column-contiguous): each packed column is a straight copy.
+            for p in 0..kc {
+                let src = a.at(ib, pc + p);
+                let dcol = d.add(p * mr_t);
+                std::ptr::copy_nonoverlapping(src, dcol, h);
+                for ii in h..mr_t {
+                    *dcol.add(ii) = 0.0;
+                }
+            }
+        } else {
+            for ii in 0..mr_t {
+                if ii < h {
+                    let src = a.at(ib + ii, pc);
+                    for p in 0..kc {
+                        *d.add(p * mr_t + ii) = *src.offset(p as isize * a.cs);
+                    }
+                } else {
+                    for p in 0..kc {
+                        *d.add(p * mr_t + ii) = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 64-byte aligned growable scratch (packed panels are read with aligned vector loads).
+#[derive(Default)]
+struct AlignedBuf {
+    chunks: Vec<Align64>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Align64([f32; 16]);
+
+impl AlignedBuf {
+    fn ptr(&mut self, floats: usize) -> *mut f32 {
+        let need = floats.div_ceil(16);
+        if self.chunks.len() < need {
+            self.chunks.resize(need, Align64([0.0; 16]));
+        }
+        self.chunks.as_mut_ptr() as *mut f32
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    a: AlignedBuf,
+    b: AlignedBuf,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Block sizes for one call: `kc` and `mc` split their dimension into equal blocks, so
+/// k = 576 becomes 3 x 192 rather than 256 + 256 + 64 (no short, inefficient tail block).
+#[derive(Clone, Copy)]
+struct Blocking {
+    kc: usize,
+    mc: usize,
+    nc: usize,
+}
+
+fn blocking<K: Kernel>(m: usize, n: usize, k: usize) -> Blocking {
+    let kb = k.div_ceil(K::KC);
+    let kc = k.div_ceil(kb);
+    let mb = m.div_ceil(K::MC);
+    let mc = m.div_ceil(mb).next_multiple_of(K::MR);
+    let nb = n.div_ceil(K::NC);
+    let nc = n.div_ceil(nb).next_multiple_of(K::NR);
+    Blocking { kc, mc, nc }
+}
+
+/// One rectangular piece of C, computed by a single thread.
+#[derive(Clone, Copy)]
+struct Task {
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_task<K: Kernel>(
+    t: Task,
+    k: usize,
+    blk: Blocking,
+    alpha: f32,
+    a: View,
+    b: View,
+    beta: f32,
+    c: ViewMut,
+) {
+    SCRATCH.with(|s| {
+        // A re-entrant use on this thread (not expected: tasks never call back into rayon)
+        // gets private buffers instead of a panic.
+        let mut fresh = Scratch::default();
+        let mut guard = s.try_borrow_mut();
+        let scratch: &mut Scratch = match guard {
+            Ok(ref mut g) => g,
+            Err(_) => &mut fresh,
+        };
+        let nc_max = blk.nc.min((t.j1 - t.j0).next_multiple_of(K::NR));
+        let mc_max = blk.mc.min((t.i1 - t.i0).next_multiple_of(K::MR));
+        let bbuf = scratch.b.ptr(blk.kc * nc_max);
+        let abuf = scratch.a.ptr(blk.kc * mc_max);
+        let mut jc = t.j0;
+        while jc < t.j1 {
+            let nc = blk.nc.min(t.j1 - jc);
+            let mut pc = 0;
+            while pc < k {
+                let kc = blk.kc.min(k - pc);
+                K::pack_b(bbuf, b, pc, kc, jc, nc);
+                let beta_eff = if pc == 0 { beta } else { 1.0 };
+                let mut ic = t.i0;
+                while ic < t.i1 {
+                    let mc = blk.mc.min(t.i1 - ic);
+                    K::pack_a(abuf, a, ic, mc, pc, kc);
+                    macro_tile::<K>(kc, mc, nc, abuf, bbuf, alpha, beta_eff, c, ic, jc);
+                    ic += mc;
+                }
+                pc += kc;
+            }
+            jc += nc;
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn macro_tile<K: Kernel>(
+    kc: usize,
+    mc: usize,
+    nc: usize,
+    abuf: *const f32,
+    bbuf: *const f32,
+    alpha: f32,
+    beta: f32,
+    c: ViewMut,
+    ic: usize,
+    jc: usize,
+) {
+    let np = nc.div_ceil(K::NR);
+    let mp = mc.div_ceil(K::MR);
+    for jr in 0..np {
+        let bp = bbuf.add(jr * kc * K::NR);
+        let nr = K::NR.min(nc - jr * K::NR);
+        let j = jc + jr * K::NR;
+        for ir in 0..mp {
+            let ap = abuf.add(ir * kc * K::MR);
+            let mr = K::MR.min(mc - ir * K::MR);
+            let i = ic + ir * K::MR;
+            let cp = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
+            K::kernel(kc, ap, bp, cp, c.rs, c.cs, mr, nr, alpha, beta);
+        }
+    }
+}
+
+/// `C = alpha * A * B + beta * C` for `m, n, k > 0` with the kernel `K`.
+///
+/// # Safety
+/// The views must address `m x k`, `k x n` and `m x n` in-bounds elements, C must not
+/// alias A or B, and no two elements of C may share an address.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_blocked<K: Kernel>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: View,
+    b: View,
+    beta: f32,
+    c: ViewMut,
+    threads: usize,
+) {
+    let blk = blocking::<K>(m, n, k);
+    let n_panels = n.div_ceil(K::NR);
+    let m_panels = m.div_ceil(K::MR);
+    if threads <= 1 || (n_panels < 2 && m_panels < 2) {
+        run_task::<K>(
+            Task {
+                i0: 0,
+                i1: m,
+                j0: 0,
+                j1: n,
+            },
+            k,
+            blk,
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+        );
+        return;
+    }
+    let tasks = split_tasks::<K>(m, n, blk, threads);
+    tasks
+        .par_iter()
+        .for_each(|&t| run_task::<K>(t, k, blk, alpha, a, b, beta, c));
+}
+
+/// Cut C into tasks: column ranges when N is wide (each task packs a disjoint part of B,
+/// and A — usually the smaller operand — is re-packed per task as it is per `nc` block
+/// anyway), otherwise row ranges. The count is a multiple of `threads` so the static
+/// share is even, and at least one task per `nc` block so work can be stolen when a
+/// core is busy.
+fn split_tasks<K: Kernel>(m: usize, n: usize, blk: Blocking, threads: usize) -> Vec<Task> {
+    let n_panels = n.div_ceil(K::NR);
+    let m_panels = m.div_ceil(K::MR);
+    let mut tasks = Vec::new();
+    if n_panels >= 2 * threads || n_panels >= m_panels {
+        let want = n.div_ceil(blk.nc).max(threads).next_multiple_of(threads);
+        let count = want.min(n_panels);
+        for t in 0..count {
+            let p0 = n_panels * t / count;
+            let p1 = n_panels * (t + 1) / count;
+            if p1 > p0 {
+                tasks.push(Task {
+                    i0: 0,
+                    i1: m,
+                    j0: p0 * K::NR,
+                    j1: (p1 * K::NR).min(n),
+                });
+            }
+        }
+    } else {
+        let count = threads.min(m_panels);
+        for t in 0..count {
+            let p0 = m_panels * t / count;
+            let p1 = m_panels * (t + 1) / count;
+            if p1 > p0 {
+                tasks.push(Task {
+                    i0: p0 * K::MR,
+                    i1: (p1 * K::MR).min(m),
+                    j0: 0,
+                    j1: n,
+                });
+            }
+        }
+    }
+    tasks
+}
