@@ -1,1 +1,4 @@
 //! saelab-eval: the SAEBench evaluations.
+
+pub mod metrics;
+pub mod probe;
