@@ -1,0 +1,121 @@
+//! Statistics over seeds: means with 95% confidence intervals (Student t), and the
+//! difference of two variants' means with a Welch interval. With one seed there is no
+//! interval: it is reported as missing, never as zero width.
+
+/// Two-sided 97.5% quantiles of Student's t for 1..=30 degrees of freedom.
+const T975: [f64; 30] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
+];
+
+/// t quantile for a 95% two-sided interval; fractional dof are rounded down (conservative).
+pub fn t_quantile_975(dof: f64) -> f64 {
+    if !(dof >= 1.0) {
+        return f64::NAN;
+    }
+    let d = dof.floor() as usize;
+    if d <= 30 {
+        T975[d - 1]
+    } else if d <= 60 {
+        2.042 - (d - 30) as f64 * (2.042 - 2.000) / 30.0
+    } else {
+        1.96
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub n: usize,
+    pub mean: f64,
+    pub std: f64,
+    /// Half width of the 95% interval (NaN with fewer than two values).
+    pub ci95: f64,
+}
+
+/// Mean, sample standard deviation and 95% interval half-width of finite values.
+pub fn summarize(values: &[f64]) -> Summary {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n == 0 {
+        return Summary { n, mean: f64::NAN, std: f64::NAN, ci95: f64::NAN };
+    }
+    let mean = v.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return Summary { n, mean, std: f64::NAN, ci95: f64::NAN };
+    }
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    let std = var.sqrt();
+    Summary { n, mean, std, ci95: t_quantile_975((n - 1) as f64) * std / (n as f64).sqrt() }
+}
+
+/// Difference of means `a - b` with a Welch 95% interval half-width.
+pub fn welch_diff(a: &[f64], b: &[f64]) -> Summary {
+    let sa = summarize(a);
+    let sb = summarize(b);
+    let mean = sa.mean - sb.mean;
+    if sa.n < 2 || sb.n < 2 {
+        return Summary { n: sa.n.min(sb.n), mean, std: f64::NAN, ci95: f64::NAN };
+    }
+    let va = sa.std * sa.std / sa.n as f64;
+    let vb = sb.std * sb.std / sb.n as f64;
+    let se = (va + vb).sqrt();
+    if se == 0.0 {
+        return Summary { n: sa.n.min(sb.n), mean, std: 0.0, ci95: 0.0 };
+    }
+    let dof = (va + vb).powi(2)
+        / (va * va / (sa.n as f64 - 1.0) + vb * vb / (sb.n as f64 - 1.0));
+    Summary { n: sa.n.min(sb.n), mean, std: se, ci95: t_quantile_975(dof) * se }
+}
+
+/// "0.812 ± 0.004" with a sensible number of digits; "0.812 (1 seed)" without interval.
+pub fn format_summary(s: &Summary) -> String {
+    if !s.mean.is_finite() {
+        return "n/a".into();
+    }
+    let digits = digits_for(s.mean, s.ci95);
+    if s.ci95.is_finite() {
+        format!("{:.*} ± {:.*}", digits, s.mean, digits, s.ci95)
+    } else {
+        format!("{:.*} (n={})", digits, s.mean, s.n)
+    }
+}
+
+fn digits_for(mean: f64, ci: f64) -> usize {
+    // Two significant digits of the interval, or three of the mean without one.
+    if ci.is_finite() && ci > 0.0 {
+        return ((-ci.log10()).ceil() as i64 + 1).clamp(1, 6) as usize;
+    }
+    if mean == 0.0 || !mean.is_finite() {
+        return 3;
+    }
+    (2 - mean.abs().log10().floor() as i64).clamp(1, 6) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_matches_hand_computation() {
+        let s = summarize(&[1.0, 2.0, 3.0]);
+        assert_eq!(s.n, 3);
+        assert!((s.mean - 2.0).abs() < 1e-12);
+        assert!((s.std - 1.0).abs() < 1e-12);
+        // t(2) = 4.303; half-width = 4.303 * 1 / sqrt(3)
+        assert!((s.ci95 - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+        let one = summarize(&[5.0, f64::NAN]);
+        assert_eq!(one.n, 1);
+        assert!(one.ci95.is_nan());
+        assert_eq!(format_summary(&one), "5.00 (n=1)");
+    }
+
+    #[test]
+    fn welch_interval() {
+        let d = welch_diff(&[1.0, 2.0, 3.0], &[0.0, 1.0, 2.0]);
+        assert!((d.mean - 1.0).abs() < 1e-12);
+        // equal variances 1, n=3: se = sqrt(2/3), dof = 4 -> t = 2.776
+        assert!((d.ci95 - 2.776 * (2.0f64 / 3.0).sqrt()).abs() < 1e-9, "{d:?}");
+        assert_eq!(t_quantile_975(100.0), 1.96);
+    }
+}
