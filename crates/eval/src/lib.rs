@@ -1,4 +1,11 @@
 //! saelab-eval: the SAEBench evaluations.
 
+pub mod cache;
+pub mod lm_api;
 pub mod metrics;
+pub mod output;
 pub mod probe;
+pub mod tasks;
+
+#[cfg(test)]
+pub(crate) mod testutil;

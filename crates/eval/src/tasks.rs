@@ -1,0 +1,545 @@
+//! Labelled texts, their LM activations, and pooling (shared by sparse probing, TPP, SCR).
+//!
+//! Texts are tokenized with BOS, truncated to the context length (beginning kept) and
+//! run through the LM in batches of similar length, right-padded (the LM is causal, so
+//! padding never changes earlier positions). Only the activations of non-ignored
+//! tokens (not pad/eos/bos) are kept, per document ([`DocActs`]). Pooling is the mean
+//! over those tokens, for the LM activations and for the SAE latents, as SAEBench does.
+//! Because the SCR/TPP ablation `x' = x - sum_{j in A} f_j W_dec[j]` is linear in the
+//! codes, the pooled ablated activation is `mean x - sum_{j in A} mean(f_j) W_dec[j]`,
+//! so it is computed from the pooled latents without another pass over tokens.
+
+use crate::cache::{ActCache, Blob};
+use crate::lm_api::HookedLm;
+use anyhow::{bail, Context, Result};
+use saelab_sae::codes::SparseCodes;
+use saelab_sae::model::Sae;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One labelled text (mirrors `saelab_data::corpus::Document`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabeledText {
+    pub text: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LabeledText {
+    pub fn new(text: impl Into<String>, labels: &[(&str, &str)]) -> Self {
+        LabeledText {
+            text: text.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// A named set of labelled texts and the label key that defines the classes.
+#[derive(Clone, Debug)]
+pub struct ProbeDataset {
+    pub name: String,
+    pub label_key: String,
+    pub docs: Vec<LabeledText>,
+}
+
+/// Read a user task: `.jsonl` (one object per line; `text_field` is the text, every
+/// other string/number field a label) or `.csv` (header row; same rule per column).
+pub fn load_labeled_file(path: &Path, text_field: &str) -> Result<Vec<LabeledText>> {
+    let raw =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut out = Vec::new();
+    match ext.as_str() {
+        "jsonl" => {
+            for (i, line) in raw.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+                let obj = v
+                    .as_object()
+                    .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+                let text = obj
+                    .get(text_field)
+                    .and_then(|t| t.as_str())
+                    .with_context(|| {
+                        format!(
+                            "{}:{}: no string field '{text_field}'",
+                            path.display(),
+                            i + 1
+                        )
+                    })?;
+                let mut labels = BTreeMap::new();
+                for (k, v) in obj {
+                    if k == text_field {
+                        continue;
+                    }
+                    match v {
+                        serde_json::Value::String(s) => {
+                            labels.insert(k.clone(), s.clone());
+                        }
+                        serde_json::Value::Number(n) => {
+                            labels.insert(k.clone(), n.to_string());
+                        }
+                        serde_json::Value::Bool(b) => {
+                            labels.insert(k.clone(), b.to_string());
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(LabeledText {
+                    text: text.to_string(),
+                    labels,
+                });
+            }
+        }
+        "csv" => {
+            let rows =
+                parse_csv(&raw).with_context(|| format!("{}: invalid CSV", path.display()))?;
+            let Some((header, body)) = rows.split_first() else {
+                bail!("{}: empty CSV", path.display())
+            };
+            let ti = header
+                .iter()
+                .position(|h| h == text_field)
+                .with_context(|| {
+                    format!(
+                        "{}: no column '{text_field}' in header {header:?}",
+                        path.display()
+                    )
+                })?;
+            for (i, row) in body.iter().enumerate() {
+                if row.len() != header.len() {
+                    bail!(
+                        "{}: row {} has {} fields, header has {}",
+                        path.display(),
+                        i + 2,
+                        row.len(),
+                        header.len()
+                    );
+                }
+                let labels = header
+                    .iter()
+                    .zip(row)
+                    .enumerate()
+                    .filter(|(j, _)| *j != ti)
+                    .map(|(_, (h, v))| (h.clone(), v.clone()))
+                    .collect();
+                out.push(LabeledText {
+                    text: row[ti].clone(),
+                    labels,
+                });
+            }
+        }
+        _ => bail!("{}: user tasks must be .jsonl or .csv", path.display()),
+    }
+    if out.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    Ok(out)
+}
+
+/// RFC 4180 CSV: quoted fields may hold commas, quotes (doubled) and newlines.
+fn parse_csv(s: &str) -> Result<Vec<Vec<String>>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    field.push('"');
+                    chars.next();
+                } else {
+                    quoted = false;
+                }
+            } else {
+                field.push(c);
+            }
+        } else {
+            match c {
+                '"' if field.is_empty() => quoted = true,
+                ',' => row.push(std::mem::take(&mut field)),
+                '\r' => {}
+                '\n' => {
+                    row.push(std::mem::take(&mut field));
+                    rows.push(std::mem::take(&mut row));
+                }
+                _ => field.push(c),
+            }
+        }
+    }
+    if quoted {
+        bail!("unterminated quoted field");
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Per-document activations of the kept (non-ignored) tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocActs {
+    pub d: usize,
+    /// Document `i`'s rows are `offsets[i]..offsets[i + 1]`.
+    pub offsets: Vec<usize>,
+    pub acts: Vec<f32>,
+}
+
+impl DocActs {
+    pub fn n_docs(&self) -> usize {
+        self.offsets.len() - 1
+    }
+    pub fn doc(&self, i: usize) -> &[f32] {
+        &self.acts[self.offsets[i] * self.d..self.offsets[i + 1] * self.d]
+    }
+    pub fn tokens(&self) -> usize {
+        *self.offsets.last().unwrap()
+    }
+
+    fn to_blob(&self) -> Blob {
+        Blob {
+            f32s: vec![("acts".into(), self.acts.clone())],
+            u64s: vec![(
+                "offsets".into(),
+                self.offsets.iter().map(|&o| o as u64).collect(),
+            )],
+            meta: serde_json::json!({ "d": self.d }),
+        }
+    }
+
+    fn from_blob(b: &Blob) -> Result<Self> {
+        let d = b.meta["d"].as_u64().context("cache entry without d")? as usize;
+        let offsets: Vec<usize> = b.u64("offsets")?.iter().map(|&o| o as usize).collect();
+        let acts = b.f32("acts")?.to_vec();
+        if offsets.is_empty() || acts.len() != offsets.last().unwrap() * d {
+            bail!("cache entry with inconsistent shapes");
+        }
+        Ok(DocActs { d, offsets, acts })
+    }
+}
+
+/// FNV-1a over all texts, so a cache key changes when the texts do.
+pub fn texts_fingerprint<'a>(texts: impl Iterator<Item = &'a str>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in texts {
+        for b in t.bytes().chain(std::iter::once(0xff)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Activations at `hook` of every text's kept tokens (BOS + text, truncated to `ctx`).
+/// Errors on an empty text (it would have no token to pool).
+pub fn collect_doc_acts(
+    lm: &dyn HookedLm,
+    hook: &str,
+    texts: &[&str],
+    ctx: usize,
+    batch: usize,
+    cache: &ActCache,
+    key: &str,
+) -> Result<DocActs> {
+    if let Some(b) = cache.load(key) {
+        if let Ok(a) = DocActs::from_blob(&b) {
+            if a.n_docs() == texts.len() && a.d == lm.d_model() {
+                tracing::info!("eval cache hit: {key}");
+                return Ok(a);
+            }
+        }
+    }
+    if ctx < 2 {
+        bail!("context length {ctx} is too short");
+    }
+    let ignored = lm.ignored_ids();
+    let mut seqs: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        if t.trim().is_empty() {
+            bail!("text {i} is empty: nothing to pool");
+        }
+        let mut ids = Vec::with_capacity(ctx);
+        if let Some(b) = lm.bos_id() {
+            ids.push(b);
+        }
+        ids.extend(
+            lm.encode(t)
+                .with_context(|| format!("cannot tokenize text {i}"))?,
+        );
+        ids.truncate(ctx);
+        if !ids.iter().any(|id| !ignored.contains(id)) {
+            bail!("text {i} has no non-special token");
+        }
+        seqs.push(ids);
+    }
+    // Batch texts of similar length together to limit padding.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| (seqs[i].len(), i));
+    let d = lm.d_model();
+    let mut per_doc: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let seq = chunk.iter().map(|&i| seqs[i].len()).max().unwrap();
+        let mut toks = vec![lm.fill_id(); chunk.len() * seq];
+        for (r, &i) in chunk.iter().enumerate() {
+            toks[r * seq..r * seq + seqs[i].len()].copy_from_slice(&seqs[i]);
+        }
+        let acts = lm.capture(&toks, chunk.len(), seq, hook)?;
+        if acts.len() != chunk.len() * seq * d {
+            bail!(
+                "LM returned {} activation values for a [{}, {seq}, {d}] batch",
+                acts.len(),
+                chunk.len()
+            );
+        }
+        for (r, &i) in chunk.iter().enumerate() {
+            for t in 0..seqs[i].len() {
+                if !ignored.contains(&seqs[i][t]) {
+                    per_doc[i].extend_from_slice(&acts[(r * seq + t) * d..(r * seq + t + 1) * d]);
+                }
+            }
+        }
+    }
+    let mut offsets = vec![0usize];
+    let mut all = Vec::with_capacity(per_doc.iter().map(|v| v.len()).sum());
+    for v in per_doc {
+        all.extend_from_slice(&v);
+        offsets.push(all.len() / d);
+    }
+    let out = DocActs {
+        d,
+        offsets,
+        acts: all,
+    };
+    if let Err(e) = cache.store(key, &out.to_blob()) {
+        tracing::warn!("could not write eval cache entry: {e:#}");
+    }
+    Ok(out)
+}
+
+/// Mean LM activation per document, [n_docs, d].
+pub fn pool_llm(a: &DocActs) -> Vec<f32> {
+    let d = a.d;
+    let mut out = vec![0f32; a.n_docs() * d];
+    for i in 0..a.n_docs() {
+        let rows = a.offsets[i + 1] - a.offsets[i];
+        let mut s = vec![0f64; d];
+        for r in a.doc(i).chunks_exact(d) {
+            for (acc, v) in s.iter_mut().zip(r) {
+                *acc += *v as f64;
+            }
+        }
+        for (o, v) in out[i * d..(i + 1) * d].iter_mut().zip(&s) {
+            *o = (*v / rows as f64) as f32;
+        }
+    }
+    out
+}
+
+/// Mean SAE latents per document as sparse rows, [n_docs, d_sae].
+pub fn pool_sae(a: &DocActs, sae: &Sae) -> Result<SparseCodes> {
+    if sae.d_in != a.d {
+        bail!(
+            "SAE d_in {} differs from the LM width {} at the hook",
+            sae.d_in,
+            a.d
+        );
+    }
+    let f = sae.d_sae;
+    let mut out = SparseCodes::with_capacity(a.n_docs(), f, 0);
+    let mut acc = vec![0f64; f];
+    let mut touched: Vec<u32> = Vec::new();
+    for i in 0..a.n_docs() {
+        let rows = a.offsets[i + 1] - a.offsets[i];
+        let codes = sae.encode(a.doc(i), rows);
+        for (&j, &v) in codes.idx.iter().zip(&codes.val) {
+            if acc[j as usize] == 0.0 {
+                touched.push(j);
+            }
+            acc[j as usize] += v as f64;
+        }
+        touched.sort_unstable();
+        out.push_row(
+            touched
+                .iter()
+                .map(|&j| (j, (acc[j as usize] / rows as f64) as f32))
+                .filter(|e| e.1 != 0.0),
+        );
+        for &j in &touched {
+            acc[j as usize] = 0.0;
+        }
+        touched.clear();
+    }
+    Ok(out)
+}
+
+/// Pooled activations with latents `ablate` removed: `x - sum_{j in A} f_j W_dec[j]`,
+/// from the pooled LM activations and pooled latents (exact, the ablation is linear).
+pub fn pool_ablated(
+    pooled_x: &[f32],
+    pooled_f: &SparseCodes,
+    sae: &Sae,
+    ablate: &[usize],
+) -> Vec<f32> {
+    let d = sae.d_in;
+    let mut on = vec![false; sae.d_sae];
+    for &j in ablate {
+        on[j] = true;
+    }
+    let mut out = pooled_x.to_vec();
+    for i in 0..pooled_f.rows {
+        let (idx, val) = pooled_f.row(i);
+        let o = &mut out[i * d..(i + 1) * d];
+        for (&j, &v) in idx.iter().zip(val) {
+            if on[j as usize] {
+                for (a, w) in o
+                    .iter_mut()
+                    .zip(&sae.w_dec[j as usize * d..(j as usize + 1) * d])
+                {
+                    *a -= v * w;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Rows `rows` of a row-major matrix of width `d`.
+pub fn gather_rows(m: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        out.extend_from_slice(&m[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// Rows `rows` of sparse codes.
+pub fn gather_codes(c: &SparseCodes, rows: &[usize]) -> SparseCodes {
+    let mut out = SparseCodes::with_capacity(rows.len(), c.d_sae, 0);
+    for &r in rows {
+        let (i, v) = c.row(r);
+        out.push_row(i.iter().copied().zip(v.iter().copied()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lm_api::ToyLm;
+    use crate::testutil::random_sae;
+
+    #[test]
+    fn csv_and_jsonl_user_tasks() {
+        let dir = std::env::temp_dir().join(format!("saelab-tasks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("t.csv");
+        std::fs::write(
+            &csv,
+            "label,text\npos,\"hello, \"\"world\"\"\nline\"\nneg,plain\n",
+        )
+        .unwrap();
+        let v = load_labeled_file(&csv, "text").unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].text, "hello, \"world\"\nline");
+        assert_eq!(v[0].labels["label"], "pos");
+        let jl = dir.join("t.jsonl");
+        std::fs::write(
+            &jl,
+            "{\"text\": \"a b\", \"y\": 1}\n\n{\"text\": \"c\", \"y\": 0}\n",
+        )
+        .unwrap();
+        let v = load_labeled_file(&jl, "text").unwrap();
+        assert_eq!(v[1].labels["y"], "0");
+        std::fs::write(&jl, "{\"txt\": \"a\"}\n").unwrap();
+        assert!(load_labeled_file(&jl, "text")
+            .unwrap_err()
+            .to_string()
+            .contains("no string field"));
+        assert!(load_labeled_file(&dir.join("t.txt"), "text").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn doc_acts_pooling_and_linear_ablation() {
+        let lm = ToyLm::new(&["alpha", "beta", "gamma"], 6, 1, 3);
+        let texts = ["alpha beta", "gamma gamma gamma alpha", "beta"];
+        let a = collect_doc_acts(
+            &lm,
+            "blocks.0.hook_resid_post",
+            &texts,
+            8,
+            2,
+            &ActCache::default(),
+            "k",
+        )
+        .unwrap();
+        // Kept tokens = the text's tokens (BOS dropped).
+        assert_eq!(a.offsets, vec![0, 2, 6, 7]);
+        // Same activations as a direct single-text forward.
+        let ids: Vec<u32> = std::iter::once(ToyLm::BOS)
+            .chain(lm.encode(texts[1]).unwrap())
+            .collect();
+        let direct = lm
+            .capture(&ids, 1, ids.len(), "blocks.0.hook_resid_post")
+            .unwrap();
+        assert_eq!(a.doc(1), &direct[6..]);
+        let sae = random_sae(6, 10, 4);
+        let px = pool_llm(&a);
+        let pf = pool_sae(&a, &sae).unwrap();
+        // Pooled ablation equals the per-token ablation, then pooled.
+        let ablate = vec![1usize, 4, 7];
+        let fast = pool_ablated(&px, &pf, &sae, &ablate);
+        for i in 0..3 {
+            let rows = a.offsets[i + 1] - a.offsets[i];
+            let codes = sae.encode(a.doc(i), rows);
+            let mut dense = codes.to_dense();
+            let full = sae.decode(&codes);
+            for r in 0..rows {
+                for &j in &ablate {
+                    dense[r * 10 + j] = 0.0;
+                }
+            }
+            let abl = sae.decode(&SparseCodes::from_dense(&dense, rows, 10));
+            for j in 0..6 {
+                let mut s = 0f64;
+                for r in 0..rows {
+                    let x = a.doc(i)[r * 6 + j];
+                    s += (abl[r * 6 + j] + (x - full[r * 6 + j])) as f64;
+                }
+                let slow = s / rows as f64;
+                assert!(
+                    (slow - fast[i * 6 + j] as f64).abs() < 1e-4,
+                    "doc {i} dim {j}: {slow} vs {}",
+                    fast[i * 6 + j]
+                );
+            }
+        }
+        assert!(collect_doc_acts(
+            &lm,
+            "blocks.0.hook_resid_post",
+            &["  "],
+            8,
+            2,
+            &ActCache::default(),
+            "k2"
+        )
+        .is_err());
+        let wrong = random_sae(5, 10, 4);
+        assert!(pool_sae(&a, &wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("d_in"));
+    }
+}
