@@ -1,6 +1,7 @@
 //! saelab-eval: the SAEBench evaluations.
 
 pub mod cache;
+pub mod core_eval;
 pub mod lm_api;
 pub mod metrics;
 pub mod output;

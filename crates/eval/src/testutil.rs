@@ -29,3 +29,56 @@ pub fn random_sae(d: usize, f: usize, seed: u64) -> Sae {
         metadata: SaeMetadata::default(),
     }
 }
+
+/// The identity as a ReLU SAE: latents `[relu(x), relu(-x)]`, decoder `[I; -I]`.
+pub fn identity_sae(d: usize) -> Sae {
+    let f = 2 * d;
+    let mut w_enc = vec![0f32; d * f];
+    let mut w_dec = vec![0f32; f * d];
+    for i in 0..d {
+        w_enc[i * f + i] = 1.0;
+        w_enc[i * f + d + i] = -1.0;
+        w_dec[i * d + i] = 1.0;
+        w_dec[(d + i) * d + i] = -1.0;
+    }
+    let mut s = random_sae(d, f, 0);
+    s.w_enc = w_enc;
+    s.w_dec = w_dec;
+    s.b_enc = vec![0.0; f];
+    s.b_dec = vec![0.0; d];
+    s
+}
+
+/// Words for the toy LM: 12 per letter a..z, deterministic.
+pub fn toy_words() -> Vec<String> {
+    let mut r = Rng::new(77);
+    let mut out = Vec::new();
+    for l in b'a'..=b'z' {
+        for _ in 0..12 {
+            let len = 3 + r.below(4);
+            let mut w = String::new();
+            w.push(l as char);
+            for _ in 1..len {
+                w.push((b'a' + r.below(26) as u8) as char);
+            }
+            if !out.contains(&w) {
+                out.push(w);
+            }
+        }
+    }
+    out
+}
+
+/// `n` texts of 5..25 random words from `words`.
+pub fn toy_texts(words: &[String], n: usize, seed: u64) -> Vec<String> {
+    let mut r = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let len = 5 + r.below(20);
+            (0..len)
+                .map(|_| words[r.below(words.len())].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
