@@ -1,9 +1,13 @@
 //! saelab-report: experiment plans, the runner, and reports.
 //!
 //! - [`plan`]: the plan file (model, hook, corpus, budget, variants with grids, seeds).
+//! - [`results`]: the run-directory layout and the records read back from it.
+//! - [`report`]: report.html / report.md with tables and plots from stored results.
 //! - [`stats`]: means and 95% intervals over seeds, Welch differences to a baseline.
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
 pub mod plan;
 pub mod plots;
+pub mod report;
+pub mod results;
 pub mod stats;
