@@ -1,0 +1,363 @@
+//! Shared transformer operations used by every architecture: RMSNorm, rotary embeddings,
+//! softmax, activations, linear layers on `saelab_core::gemm`, and causal grouped-query
+//! attention parallelised over (batch, head).
+//!
+//! Activations are row-major `[rows, width]` f32 buffers; weights are PyTorch-layout
+//! `[out, in]` matrices, so a linear layer is `y = x W^T` with `W^T` a free strided view.
+
+use rayon::prelude::*;
+use saelab_core::gemm::{gemm, MatMut, MatRef};
+
+/// `out[r] = x[r] / rms(x[r]) * w` (w is the effective multiplier: Gemma's `1 + w` is folded
+/// in at load). The mean square is accumulated in f64-free f32 pairs of lanes; d is small.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d * 16)
+        .zip(x.par_chunks(d * 16))
+        .for_each(|(o, xi)| {
+            for (orow, xrow) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
+                rmsnorm_row(xrow, w, eps, orow);
+            }
+        });
+}
+
+#[inline]
+pub fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = xv * inv * wv;
+    }
+}
+
+/// `y[rows, out] = x[rows, in] W^T` with W `[out, in]` row-major.
+pub fn linear(x: &[f32], rows: usize, w: &[f32], n_out: usize, n_in: usize, y: &mut [f32]) {
+    let a = MatRef::row_major(&x[..rows * n_in], rows, n_in);
+    let b = MatRef::row_major(&w[..n_out * n_in], n_out, n_in).t();
+    gemm(
+        1.0,
+        a,
+        b,
+        0.0,
+        MatMut::row_major(&mut y[..rows * n_out], rows, n_out),
+    );
+}
+
+/// `y += x W^T` (accumulate into the residual stream).
+pub fn linear_acc(x: &[f32], rows: usize, w: &[f32], n_out: usize, n_in: usize, y: &mut [f32]) {
+    let a = MatRef::row_major(&x[..rows * n_in], rows, n_in);
+    let b = MatRef::row_major(&w[..n_out * n_in], n_out, n_in).t();
+    gemm(
+        1.0,
+        a,
+        b,
+        1.0,
+        MatMut::row_major(&mut y[..rows * n_out], rows, n_out),
+    );
+}
+
+/// Rotary embedding tables for positions `0..max_pos`: `cos[p * half + i]`, `sin[...]`,
+/// with frequency `theta^(-2i/head_dim)` (computed in f64 like the reference's float64
+/// inverse frequencies, then rounded).
+pub struct Rope {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Rope {
+        let half = head_dim / 2;
+        let mut cos = vec![0f32; max_pos * half];
+        let mut sin = vec![0f32; max_pos * half];
+        for p in 0..max_pos {
+            for i in 0..half {
+                // The reference computes inv_freq in f32 and the angle as an f32 product.
+                let inv = (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32;
+                let ang = p as f32 * inv;
+                cos[p * half + i] = ang.cos();
+                sin[p * half + i] = ang.sin();
+            }
+        }
+        Rope { half, cos, sin }
+    }
+
+    /// Rotate one head vector in place at position `pos`, half-split ("NeoX") layout:
+    /// pairs are (x[i], x[i + half]).
+    #[inline]
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let h = self.half;
+        let c = &self.cos[pos * h..(pos + 1) * h];
+        let s = &self.sin[pos * h..(pos + 1) * h];
+        let (a, b) = x.split_at_mut(h);
+        for i in 0..h {
+            let (x0, x1) = (a[i], b[i]);
+            a[i] = x0 * c[i] - x1 * s[i];
+            b[i] = x1 * c[i] + x0 * s[i];
+        }
+    }
+}
+
+/// Apply RoPE to the q and k heads of a fused `[batch*seq, (nh + 2*nkv) * hd]` QKV buffer,
+/// positions `0..seq` within each row of the batch.
+pub fn rope_qkv(qkv: &mut [f32], seq: usize, n_heads: usize, n_kv: usize, hd: usize, rope: &Rope) {
+    let w = (n_heads + 2 * n_kv) * hd;
+    qkv.par_chunks_mut(w).enumerate().for_each(|(r, row)| {
+        let pos = r % seq;
+        for h in 0..n_heads + n_kv {
+            rope.apply(&mut row[h * hd..(h + 1) * hd], pos);
+        }
+    });
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (PyTorch `gelu(approximate="tanh")`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Gated MLP activation: `out[r, j] = act(gu[r, j]) * gu[r, ff + j]` over a fused
+/// `[rows, 2*ff]` gate|up buffer.
+pub fn gated_act(gu: &[f32], ff: usize, out: &mut [f32], act: fn(f32) -> f32) {
+    out.par_chunks_mut(ff * 8)
+        .zip(gu.par_chunks(2 * ff * 8))
+        .for_each(|(o, g)| {
+            for (orow, grow) in o.chunks_exact_mut(ff).zip(g.chunks_exact(2 * ff)) {
+                let (gate, up) = grow.split_at(ff);
+                for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
+                    *o = act(g) * u;
+                }
+            }
+        });
+}
+
+/// In-place numerically stable softmax of a row.
+#[inline]
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    let inv = 1.0 / s;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Attention hyper-parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier of q·k (1/sqrt(head_dim), or Gemma-2's query_pre_attn_scalar^-0.5).
+    pub scale: f32,
+    /// Gemma-2 attention logit soft-capping: `cap * tanh(s / cap)`.
+    pub softcap: Option<f32>,
+    /// Sliding window: query i sees keys j with `i - j < window`.
+    pub window: Option<usize>,
+}
+
+/// Scratch buffers for [`attention`], reused across layers and calls.
+#[derive(Default)]
+pub struct AttnScratch {
+    scores: Vec<f32>,
+    heads: Vec<f32>,
+}
+
+/// Causal grouped-query attention over a fused QKV buffer `[batch*seq, (nh+2nkv)*hd]`
+/// (q heads, then k heads, then v heads). Writes `[batch*seq, nh*hd]` to `out`.
+/// One task per (batch, head); QK^T and PV are GEMMs on strided views of `qkv`.
+pub fn attention(
+    qkv: &[f32],
+    batch: usize,
+    seq: usize,
+    p: &AttnParams,
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    let (nh, nkv, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
+    let w = (nh + 2 * nkv) * hd;
+    let group = nh / nkv;
+    scratch.scores.resize(batch * nh * seq * seq, 0.0);
+    scratch.heads.resize(batch * nh * seq * hd, 0.0);
+    scratch
+        .scores
+        .par_chunks_mut(seq * seq)
+        .zip(scratch.heads.par_chunks_mut(seq * hd))
+        .enumerate()
+        .for_each(|(bh, (sc, oh))| {
+            let (b, h) = (bh / nh, bh % nh);
+            let g = h / group;
+            let base = b * seq * w;
+            let view = |col: usize| MatRef {
+                data: &qkv[base + col..base + (seq - 1) * w + col + hd],
+                rows: seq,
+                cols: hd,
+                rs: w as isize,
+                cs: 1,
+            };
+            let q = view(h * hd);
+            let k = view((nh + g) * hd);
+            let v = view((nh + nkv + g) * hd);
+            gemm(p.scale, q, k.t(), 0.0, MatMut::row_major(sc, seq, seq));
+            for i in 0..seq {
+                let row = &mut sc[i * seq..(i + 1) * seq];
+                let lo = match p.window {
+                    Some(win) => (i + 1).saturating_sub(win),
+                    None => 0,
+                };
+                if let Some(cap) = p.softcap {
+                    for s in &mut row[lo..=i] {
+                        *s = cap * (*s / cap).tanh();
+                    }
+                }
+                softmax(&mut row[lo..=i]);
+                row[..lo].fill(0.0);
+                row[i + 1..].fill(0.0);
+            }
+            gemm(
+                1.0,
+                MatRef::row_major(sc, seq, seq),
+                v,
+                0.0,
+                MatMut::row_major(oh, seq, hd),
+            );
+        });
+    // Scatter [b, h, s, hd] back to [b*s, h*hd] rows.
+    let heads = &scratch.heads;
+    out.par_chunks_mut(nh * hd)
+        .enumerate()
+        .for_each(|(r, orow)| {
+            let (b, s) = (r / seq, r % seq);
+            for h in 0..nh {
+                let src = ((b * nh + h) * seq + s) * hd;
+                orow[h * hd..(h + 1) * hd].copy_from_slice(&heads[src..src + hd]);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saelab_core::rng::Rng;
+
+    /// Direct per-query reference of attention (f64), for random inputs.
+    fn attention_ref(qkv: &[f32], batch: usize, seq: usize, p: &AttnParams) -> Vec<f32> {
+        let (nh, nkv, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
+        let w = (nh + 2 * nkv) * hd;
+        let mut out = vec![0f32; batch * seq * nh * hd];
+        for b in 0..batch {
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                for i in 0..seq {
+                    let qi = &qkv[(b * seq + i) * w + h * hd..][..hd];
+                    let mut s: Vec<(usize, f64)> = Vec::new();
+                    for j in 0..=i {
+                        if let Some(win) = p.window {
+                            if i - j >= win {
+                                continue;
+                            }
+                        }
+                        let kj = &qkv[(b * seq + j) * w + (nh + g) * hd..][..hd];
+                        let mut dot: f64 =
+                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        dot *= p.scale as f64;
+                        if let Some(c) = p.softcap {
+                            dot = c as f64 * (dot / c as f64).tanh();
+                        }
+                        s.push((j, dot));
+                    }
+                    let m = s.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x.1 - m).exp()).sum();
+                    for e in 0..hd {
+                        let mut acc = 0f64;
+                        for &(j, sj) in &s {
+                            acc += (sj - m).exp() / z
+                                * qkv[(b * seq + j) * w + (nh + nkv + g) * hd + e] as f64;
+                        }
+                        out[(b * seq + i) * nh * hd + h * hd + e] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_reference() {
+        let mut rng = Rng::new(3);
+        for &(batch, seq, nh, nkv, hd, softcap, window) in &[
+            (2usize, 7usize, 4usize, 2usize, 8usize, None, None),
+            (1, 9, 3, 1, 6, Some(5.0f32), Some(3usize)),
+            (3, 5, 2, 2, 4, None, Some(2)),
+        ] {
+            let p = AttnParams {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale: 0.7,
+                softcap,
+                window,
+            };
+            let w = (nh + 2 * nkv) * hd;
+            let qkv: Vec<f32> = (0..batch * seq * w).map(|_| rng.normal()).collect();
+            let mut out = vec![0f32; batch * seq * nh * hd];
+            attention(&qkv, batch, seq, &p, &mut AttnScratch::default(), &mut out);
+            let r = attention_ref(&qkv, batch, seq, &p);
+            for (a, b) in out.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        let rope = Rope::new(8, 10000.0, 16);
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
+        let mut y = x.clone();
+        rope.apply(&mut y, 5);
+        for i in 0..4 {
+            let ang = 5.0f64 * 10000f64.powf(-(2.0 * i as f64) / 8.0);
+            let (c, s) = (ang.cos(), ang.sin());
+            let e0 = x[i] as f64 * c - x[i + 4] as f64 * s;
+            let e1 = x[i + 4] as f64 * c + x[i] as f64 * s;
+            assert!((y[i] as f64 - e0).abs() < 1e-5 && (y[i + 4] as f64 - e1).abs() < 1e-5);
+        }
+        let mut z = x.clone();
+        rope.apply(&mut z, 0);
+        assert_eq!(z, x);
+    }
+
+    #[test]
+    fn rmsnorm_and_activations_match_formulas() {
+        let mut rng = Rng::new(9);
+        let x: Vec<f32> = (0..12).map(|_| rng.normal()).collect();
+        let w: Vec<f32> = (0..6).map(|_| rng.normal()).collect();
+        let mut out = vec![0f32; 12];
+        rmsnorm(&x, &w, 1e-5, &mut out);
+        for r in 0..2 {
+            let row = &x[r * 6..r * 6 + 6];
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 6.0;
+            for j in 0..6 {
+                let e = row[j] as f64 / (ms + 1e-5).sqrt() * w[j] as f64;
+                assert!((out[r * 6 + j] as f64 - e).abs() < 1e-5);
+            }
+        }
+        assert!((silu(1.5) - 1.5 / (1.0 + (-1.5f32).exp())).abs() < 1e-7);
+        // gelu_tanh(1) from PyTorch: 0.8411920
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        let mut s = vec![1.0, 2.0, 3.0];
+        softmax(&mut s);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[2] > s[1]);
+    }
+}
