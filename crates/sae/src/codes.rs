@@ -20,7 +20,13 @@ impl SparseCodes {
     pub fn with_capacity(rows: usize, d_sae: usize, nnz: usize) -> Self {
         let mut offsets = Vec::with_capacity(rows + 1);
         offsets.push(0);
-        SparseCodes { rows: 0, d_sae, offsets, idx: Vec::with_capacity(nnz), val: Vec::with_capacity(nnz) }
+        SparseCodes {
+            rows: 0,
+            d_sae,
+            offsets,
+            idx: Vec::with_capacity(nnz),
+            val: Vec::with_capacity(nnz),
+        }
     }
 
     /// Append one row given its (index, value) pairs.
@@ -40,7 +46,12 @@ impl SparseCodes {
         let mut c = SparseCodes::with_capacity(rows, d_sae, 0);
         for r in 0..rows {
             let row = &dense[r * d_sae..(r + 1) * d_sae];
-            c.push_row(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i as u32, *v)));
+            c.push_row(
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0.0)
+                    .map(|(i, v)| (i as u32, *v)),
+            );
         }
         c
     }

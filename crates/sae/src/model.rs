@@ -24,6 +24,7 @@ pub enum InferenceArch {
 
 /// Where the SAE was trained (SAELens `metadata`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SaeMetadata {
     pub model_name: String,
     pub hook_name: String,
@@ -70,11 +71,21 @@ impl Sae {
             x.into()
         };
         let mut pre = vec![0f32; rows * f];
-        let bias = if self.arch == InferenceArch::Gated { self.b_gate.as_ref().unwrap() } else { &self.b_enc };
+        let bias = if self.arch == InferenceArch::Gated {
+            self.b_gate.as_ref().unwrap()
+        } else {
+            &self.b_enc
+        };
         for row in pre.chunks_exact_mut(f) {
             row.copy_from_slice(bias);
         }
-        gemm(1.0, MatRef::row_major(&xin, rows, d), MatRef::row_major(&self.w_enc, d, f), 1.0, MatMut::row_major(&mut pre, rows, f));
+        gemm(
+            1.0,
+            MatRef::row_major(&xin, rows, d),
+            MatRef::row_major(&self.w_enc, d, f),
+            1.0,
+            MatMut::row_major(&mut pre, rows, f),
+        );
         pre
     }
 
@@ -88,13 +99,22 @@ impl Sae {
             let p = &pre[r * f..(r + 1) * f];
             scratch.clear();
             match self.arch {
-                InferenceArch::Standard => {
-                    scratch.extend(p.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(i, v)| (i as u32, *v)))
-                }
+                InferenceArch::Standard => scratch.extend(
+                    p.iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v > 0.0)
+                        .map(|(i, v)| (i as u32, *v)),
+                ),
                 InferenceArch::Jumprelu => {
-                    let th = self.threshold.as_ref().expect("jumprelu SAE without threshold");
+                    let th = self
+                        .threshold
+                        .as_ref()
+                        .expect("jumprelu SAE without threshold");
                     scratch.extend(
-                        p.iter().enumerate().filter(|(i, v)| **v > th[*i] && **v > 0.0).map(|(i, v)| (i as u32, *v)),
+                        p.iter()
+                            .enumerate()
+                            .filter(|(i, v)| **v > th[*i] && **v > 0.0)
+                            .map(|(i, v)| (i as u32, *v)),
                     )
                 }
                 InferenceArch::Topk => {

@@ -70,6 +70,17 @@ pub trait Gate: Send {
     /// Update statistics from a batch of pre-activations [rows, d_sae] and return the
     /// per-latent thresholds to use this step.
     fn thresholds(&mut self, pre: &[f32], rows: usize, d_sae: usize) -> &[f32];
+
+    /// Internal state for checkpoints (default: stateless). Resume is bit-identical only
+    /// if everything that influences later steps is saved here.
+    fn save_state(&self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// Restore what [`Gate::save_state`] returned.
+    fn load_state(&mut self, _bytes: &[u8]) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub trait Regularizer: Send {
@@ -88,5 +99,16 @@ pub trait Regularizer: Send {
     /// Called after the optimizer step; may return latents to re-initialise.
     fn after_step(&mut self, _ctx: &StepContext, _codes: &SparseCodes) -> Result<Vec<u32>> {
         Ok(Vec::new())
+    }
+
+    /// Internal state for checkpoints (default: stateless). Resume is bit-identical only
+    /// if everything that influences later steps is saved here.
+    fn save_state(&self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// Restore what [`Regularizer::save_state`] returned.
+    fn load_state(&mut self, _bytes: &[u8]) -> Result<()> {
+        Ok(())
     }
 }

@@ -1,0 +1,738 @@
+//! The hot kernels of a training step, written so that everything after the encoder
+//! matmul costs O(B * k * d_in) instead of O(B * F * d_in):
+//!
+//! - [`encoder_blocks`]: the encoder GEMM in row blocks (so the pre-activation block stays
+//!   small) handing each block to a selector; the encoder is stored latent-major
+//!   `[F, d_in]` so that its gradient rows are contiguous, and the GEMM reads it as a
+//!   transposed view.
+//! - [`topk_select`]: per-row top-k with a running threshold filter that skips 16-wide
+//!   chunks whose maximum cannot enter the top-k.
+//! - [`decode`], [`grad_vals`]: the sparse decoder (gather k rows) and its backward with
+//!   respect to the code values (`<dy, W_dec[l]>`).
+//! - [`Csc`] + [`accum_rows`]: the transposed (latent-major) view of the active entries,
+//!   so the weight gradients `dW[l] += c * src[r]` are computed per latent in parallel
+//!   without write conflicts and in a fixed order (bit-reproducible whatever the number
+//!   of threads).
+//! - [`adam_step`]: a fused Adam over a flat buffer (parallel chunks, auto-vectorised),
+//!   which also zeroes the gradient for the next step.
+//!
+//! Each kernel has a dense or scalar reference in the tests.
+
+use rayon::prelude::*;
+use saelab_core::gemm::{gemm, MatMut, MatRef};
+use std::cmp::Ordering;
+
+/// Rows per rayon task in row-parallel kernels.
+const ROW_TASK: usize = 16;
+/// Elements per rayon task in flat-buffer kernels (fixed so reductions are reproducible).
+const FLAT_CHUNK: usize = 1 << 15;
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    // Pairwise fold of the lanes: fixed order, so the result is reproducible.
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0] + s
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Descending by value, ascending by index: a total order, so selection is deterministic.
+#[inline]
+fn desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+fn shrink(buf: &mut Vec<(f32, u32)>, k: usize) -> f32 {
+    buf.select_nth_unstable_by(k - 1, desc);
+    buf.truncate(k);
+    buf[k - 1].0
+}
+
+/// The (at most) `k` largest entries of `row` that are strictly greater than `floor`,
+/// left in `buf` sorted by index. Ties are broken towards the lower index.
+pub fn topk_select(row: &[f32], k: usize, floor: f32, buf: &mut Vec<(f32, u32)>) {
+    buf.clear();
+    if k == 0 {
+        return;
+    }
+    let cap = (2 * k).max(32);
+    let mut thr = floor;
+    // Entries equal to the running threshold can still matter while fewer than k are
+    // held; the threshold only rises above `floor` once k are held, and then an equal
+    // value would lose the tie to the lower index already held.
+    let chunks = row.chunks_exact(16);
+    let rem = chunks.remainder();
+    for (ci, ch) in chunks.enumerate() {
+        let mut m = f32::NEG_INFINITY;
+        for &v in ch {
+            m = if v > m { v } else { m };
+        }
+        if m > thr {
+            let base = (ci * 16) as u32;
+            for (j, &v) in ch.iter().enumerate() {
+                if v > thr {
+                    buf.push((v, base + j as u32));
+                }
+            }
+            if buf.len() >= cap {
+                thr = shrink(buf, k);
+            }
+        }
+    }
+    let base = (row.len() - rem.len()) as u32;
+    for (j, &v) in rem.iter().enumerate() {
+        if v > thr {
+            buf.push((v, base + j as u32));
+        }
+    }
+    if buf.len() > k {
+        shrink(buf, k);
+    }
+    buf.sort_unstable_by_key(|e| e.1);
+}
+
+/// Top-k over a subset of the row's entries (`cols`), no floor; sorted by index.
+pub fn topk_subset(row: &[f32], cols: &[u32], k: usize, buf: &mut Vec<(f32, u32)>) {
+    buf.clear();
+    if k == 0 {
+        return;
+    }
+    buf.extend(cols.iter().map(|&c| (row[c as usize], c)));
+    if buf.len() > k {
+        shrink(buf, k);
+    }
+    buf.sort_unstable_by_key(|e| e.1);
+}
+
+/// Compute the encoder matmul `x_c [rows, d] . W^T` (W latent-major `[f, d]`) in row blocks
+/// of `block_rows`, calling `per_block(first_row, block)` on each `[nb, f]` block
+/// (bias not added). The GEMM itself is multithreaded.
+pub fn encoder_blocks(
+    x_c: &[f32],
+    rows: usize,
+    d: usize,
+    w_lat: &[f32],
+    f: usize,
+    block_rows: usize,
+    pre_buf: &mut Vec<f32>,
+    mut per_block: impl FnMut(usize, &mut [f32]),
+) {
+    let br = block_rows.max(1).min(rows.max(1));
+    if pre_buf.len() < br * f {
+        pre_buf.resize(br * f, 0.0);
+    }
+    let wt = MatRef::row_major(w_lat, f, d).t();
+    let mut r0 = 0;
+    while r0 < rows {
+        let nb = br.min(rows - r0);
+        let blk = &mut pre_buf[..nb * f];
+        gemm(
+            1.0,
+            MatRef::row_major(&x_c[r0 * d..(r0 + nb) * d], nb, d),
+            wt,
+            0.0,
+            MatMut::row_major(blk, nb, f),
+        );
+        per_block(r0, blk);
+        r0 += nb;
+    }
+}
+
+/// Pre-activations of one row computed on its own (`x_c_row . W^T + bias`).
+pub fn pre_row(x_c_row: &[f32], w_lat: &[f32], bias: &[f32], out: &mut [f32]) {
+    let d = x_c_row.len();
+    out.par_chunks_mut(256).enumerate().for_each(|(ci, o)| {
+        for (j, v) in o.iter_mut().enumerate() {
+            let l = ci * 256 + j;
+            *v = dot(x_c_row, &w_lat[l * d..(l + 1) * d]) + bias[l];
+        }
+    });
+}
+
+/// Row index of every entry of a CSR layout.
+pub fn entry_rows(offsets: &[usize]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(*offsets.last().unwrap_or(&0));
+    for r in 0..offsets.len().saturating_sub(1) {
+        out.extend(std::iter::repeat_n(r as u32, offsets[r + 1] - offsets[r]));
+    }
+    out
+}
+
+/// Split `data` into per-row mutable slices following CSR `offsets`.
+fn split_rows<'a, T>(mut data: &'a mut [T], offsets: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for r in 0..offsets.len().saturating_sub(1) {
+        let (a, b) = data.split_at_mut(offsets[r + 1] - offsets[r]);
+        out.push(a);
+        data = b;
+    }
+    out
+}
+
+/// Sparse decoder: `out[r] = bias + sum_p val[p] * W[idx[p]]` (bias optional = 0).
+pub fn decode(
+    offsets: &[usize],
+    idx: &[u32],
+    val: &[f32],
+    w: &[f32],
+    d: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(d)
+        .with_min_len(ROW_TASK)
+        .enumerate()
+        .for_each(|(r, o)| {
+            match bias {
+                Some(b) => o.copy_from_slice(b),
+                None => o.fill(0.0),
+            }
+            for p in offsets[r]..offsets[r + 1] {
+                let l = idx[p] as usize;
+                axpy(val[p], &w[l * d..(l + 1) * d], o);
+            }
+        });
+}
+
+/// Backward of the sparse decoder with respect to the code values:
+/// `out[p] += <dy_row(r, idx[p]), W[idx[p]]>`, where `dy_row` picks the upstream
+/// gradient of row r for that latent (one matrix, or a Matryoshka group's).
+pub fn grad_vals(
+    offsets: &[usize],
+    idx: &[u32],
+    w: &[f32],
+    d: usize,
+    dy: &[f32],
+    dy_stride: usize,
+    dy_off: &(dyn Fn(u32) -> usize + Sync),
+    out: &mut [f32],
+) {
+    let rows = split_rows(out, offsets);
+    rows.into_par_iter()
+        .with_min_len(ROW_TASK)
+        .enumerate()
+        .for_each(|(r, o)| {
+            for (j, g) in o.iter_mut().enumerate() {
+                let l = idx[offsets[r] + j];
+                let off = r * dy_stride + dy_off(l);
+                *g += dot(&dy[off..off + d], &w[l as usize * d..(l as usize + 1) * d]);
+            }
+        });
+}
+
+/// The active entries grouped by latent (compressed sparse columns): the entries of
+/// latent `l` are `ent[ptr[l]..ptr[l + 1]]` (indices into the entry arrays), in
+/// increasing entry order, with their rows in `rows`.
+#[derive(Clone, Debug, Default)]
+pub struct Csc {
+    pub ptr: Vec<usize>,
+    pub ent: Vec<u32>,
+    pub rows: Vec<u32>,
+}
+
+impl Csc {
+    pub fn build(d_sae: usize, entry_rows: &[u32], entry_lat: &[u32]) -> Csc {
+        let mut ptr = vec![0usize; d_sae + 1];
+        for &l in entry_lat {
+            ptr[l as usize + 1] += 1;
+        }
+        for l in 0..d_sae {
+            ptr[l + 1] += ptr[l];
+        }
+        let mut fill = ptr.clone();
+        let n = entry_lat.len();
+        let mut ent = vec![0u32; n];
+        let mut rows = vec![0u32; n];
+        for (p, &l) in entry_lat.iter().enumerate() {
+            let q = fill[l as usize];
+            ent[q] = p as u32;
+            rows[q] = entry_rows[p];
+            fill[l as usize] += 1;
+        }
+        Csc { ptr, ent, rows }
+    }
+
+    pub fn touched(&self, l: usize) -> bool {
+        self.ptr[l + 1] > self.ptr[l]
+    }
+}
+
+/// `grad[l] += sum_{entries p of l} coef[p] * src_row(r_p, l)`; returns the per-latent
+/// sums of `coef` (the bias gradient when `coef` is d(loss)/d(pre)).
+pub fn accum_rows(
+    csc: &Csc,
+    coef: &[f32],
+    src: &[f32],
+    src_stride: usize,
+    src_off: &(dyn Fn(u32) -> usize + Sync),
+    d: usize,
+    grad: &mut [f32],
+) -> Vec<f32> {
+    let f = csc.ptr.len() - 1;
+    let mut sums = vec![0f32; f];
+    grad.par_chunks_mut(d)
+        .zip(sums.par_iter_mut())
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(l, (g, s))| {
+            let off_l = src_off(l as u32);
+            for q in csc.ptr[l]..csc.ptr[l + 1] {
+                let c = coef[csc.ent[q] as usize];
+                *s += c;
+                if c != 0.0 {
+                    let off = csc.rows[q] as usize * src_stride + off_l;
+                    axpy(c, &src[off..off + d], g);
+                }
+            }
+        });
+    sums
+}
+
+/// `out = sum_l coef[l] * W[l]` over latents with non-zero `coef` (W latent-major),
+/// reduced in fixed chunks so the result is reproducible.
+pub fn weighted_row_sum(w: &[f32], coef: &[f32], d: usize) -> Vec<f32> {
+    let chunk = 1024;
+    let parts: Vec<Vec<f32>> = coef
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(ci, cs)| {
+            let mut acc = vec![0f32; d];
+            for (j, &c) in cs.iter().enumerate() {
+                if c != 0.0 {
+                    let l = ci * chunk + j;
+                    axpy(c, &w[l * d..(l + 1) * d], &mut acc);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; d];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// Sum of squares in f64, reproducible.
+pub fn sum_sq(x: &[f32]) -> f64 {
+    let parts: Vec<f64> = x
+        .par_chunks(FLAT_CHUNK)
+        .map(|c| {
+            let mut acc = [0f32; 16];
+            let it = c.chunks_exact(16);
+            let rem = it.remainder();
+            let mut s = 0f64;
+            // Blocks of 16 lanes in f32, folded into f64 every 64 blocks to bound error.
+            for (bi, b) in it.enumerate() {
+                for i in 0..16 {
+                    acc[i] += b[i] * b[i];
+                }
+                if bi % 64 == 63 {
+                    s += acc.iter().map(|&v| v as f64).sum::<f64>();
+                    acc = [0f32; 16];
+                }
+            }
+            s += acc.iter().map(|&v| v as f64).sum::<f64>();
+            s + rem.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+        })
+        .collect();
+    parts.iter().sum()
+}
+
+pub fn scale_in_place(x: &mut [f32], a: f32) {
+    x.par_chunks_mut(FLAT_CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= a));
+}
+
+/// Adam hyper-parameters of one update (PyTorch's formulation, bias-corrected).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1-based step count of this parameter's moments.
+    pub t: u64,
+}
+
+/// Fused Adam on flat buffers; zeroes `g` for the next step.
+pub fn adam_step(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamHyper) {
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.t as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.t as i32);
+    let step_size = (h.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let (b1, b2, eps) = (h.beta1, h.beta2, h.eps);
+    p.par_chunks_mut(FLAT_CHUNK)
+        .zip(g.par_chunks_mut(FLAT_CHUNK))
+        .zip(m.par_chunks_mut(FLAT_CHUNK))
+        .zip(v.par_chunks_mut(FLAT_CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                let mi = b1 * m[i] + (1.0 - b1) * gi;
+                let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                p[i] -= step_size * mi / (vi.sqrt() / bc2_sqrt + eps);
+                g[i] = 0.0;
+            }
+        });
+}
+
+/// Remove from each touched decoder-row gradient its component along the row.
+pub fn remove_parallel(w: &[f32], g: &mut [f32], d: usize, touched: &[bool]) {
+    g.par_chunks_mut(d)
+        .zip(w.par_chunks(d))
+        .zip(touched.par_iter())
+        .with_min_len(64)
+        .for_each(|((g, w), &t)| {
+            if t {
+                let ww = dot(w, w);
+                if ww > 0.0 {
+                    let a = dot(g, w) / ww;
+                    axpy(-a, w, g);
+                }
+            }
+        });
+}
+
+/// Rescale every row to unit norm (rows of norm 0 are left alone).
+pub fn normalize_rows(w: &mut [f32], d: usize) {
+    w.par_chunks_mut(d).with_min_len(64).for_each(|r| {
+        let n = (dot(r, r) as f64).sqrt();
+        if n > 0.0 {
+            let inv = (1.0 / n) as f32;
+            r.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+}
+
+/// Row norms.
+pub fn row_norms(w: &[f32], d: usize) -> Vec<f32> {
+    w.par_chunks(d)
+        .map(|r| (dot(r, r) as f64).sqrt() as f32)
+        .collect()
+}
+
+/// Weiszfeld geometric median of the rows of `x` [rows, d], started from the mean,
+/// at most `max_iter` iterations, stopping when the update moves less than `tol`.
+pub fn geometric_median(x: &[f32], rows: usize, d: usize, max_iter: usize, tol: f64) -> Vec<f32> {
+    let mut y = mean_rows(x, rows, d);
+    for _ in 0..max_iter {
+        let parts: Vec<(Vec<f64>, f64)> = x
+            .par_chunks(d * 64)
+            .map(|blk| {
+                let mut num = vec![0f64; d];
+                let mut den = 0f64;
+                for row in blk.chunks_exact(d) {
+                    let dist = row
+                        .iter()
+                        .zip(&y)
+                        .map(|(&a, &b)| (a as f64 - b).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let w = 1.0 / dist.max(1e-8);
+                    den += w;
+                    for (n, &a) in num.iter_mut().zip(row) {
+                        *n += w * a as f64;
+                    }
+                }
+                (num, den)
+            })
+            .collect();
+        let mut num = vec![0f64; d];
+        let mut den = 0f64;
+        for (n, w) in parts {
+            den += w;
+            for (a, b) in num.iter_mut().zip(n) {
+                *a += b;
+            }
+        }
+        let new: Vec<f64> = num.iter().map(|v| v / den).collect();
+        let moved = new
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        y = new;
+        if moved < tol {
+            break;
+        }
+    }
+    y.iter().map(|&v| v as f32).collect()
+}
+
+pub fn mean_rows(x: &[f32], rows: usize, d: usize) -> Vec<f64> {
+    let mut m = vec![0f64; d];
+    for row in x.chunks_exact(d) {
+        for (a, &b) in m.iter_mut().zip(row) {
+            *a += b as f64;
+        }
+    }
+    m.iter_mut().for_each(|v| *v /= rows.max(1) as f64);
+    m
+}
+
+/// Total variance `sum_j Var_rows(x_j)` in f64 (the FVU denominator).
+pub fn total_variance(x: &[f32], rows: usize, d: usize) -> f64 {
+    let m = mean_rows(x, rows, d);
+    let mut s = 0f64;
+    for row in x.chunks_exact(d) {
+        for (&a, &b) in row.iter().zip(&m) {
+            s += (a as f64 - b).powi(2);
+        }
+    }
+    s / rows.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saelab_core::rng::Rng;
+
+    fn randn(r: &mut Rng, n: usize) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        r.fill_normal(&mut v, 1.0);
+        v
+    }
+
+    #[test]
+    fn topk_matches_sort_reference() {
+        let mut r = Rng::new(5);
+        let mut buf = Vec::new();
+        for &(n, k) in &[
+            (1usize, 1usize),
+            (7, 3),
+            (100, 40),
+            (1000, 40),
+            (333, 1),
+            (64, 64),
+            (50, 60),
+        ] {
+            for trial in 0..20 {
+                let mut row = randn(&mut r, n);
+                if trial % 3 == 0 {
+                    // Mostly negative rows: fewer than k positive values.
+                    row.iter_mut().for_each(|v| *v -= 2.0);
+                }
+                if trial % 5 == 0 && n > 4 {
+                    row[1] = row[3]; // ties
+                }
+                topk_select(&row, k, 0.0, &mut buf);
+                let mut all: Vec<(f32, u32)> = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v > 0.0)
+                    .map(|(i, &v)| (v, i as u32))
+                    .collect();
+                all.sort_by(desc);
+                all.truncate(k);
+                all.sort_by_key(|e| e.1);
+                assert_eq!(buf, all, "n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_and_grads_match_dense() {
+        let mut r = Rng::new(9);
+        let (rows, f, d) = (13, 29, 11);
+        let w = randn(&mut r, f * d);
+        let bias = randn(&mut r, d);
+        let mut dense = vec![0f32; rows * f];
+        for v in dense.iter_mut() {
+            if r.f32() < 0.2 {
+                *v = r.normal();
+            }
+        }
+        let codes = crate::codes::SparseCodes::from_dense(&dense, rows, f);
+        let mut out = vec![0f32; rows * d];
+        decode(
+            &codes.offsets,
+            &codes.idx,
+            &codes.val,
+            &w,
+            d,
+            Some(&bias),
+            &mut out,
+        );
+        for i in 0..rows {
+            for j in 0..d {
+                let mut s = bias[j] as f64;
+                for l in 0..f {
+                    s += dense[i * f + l] as f64 * w[l * d + j] as f64;
+                }
+                assert!((s - out[i * d + j] as f64).abs() < 1e-4);
+            }
+        }
+        let dy = randn(&mut r, rows * d);
+        let mut gv = vec![0f32; codes.nnz()];
+        grad_vals(&codes.offsets, &codes.idx, &w, d, &dy, d, &|_| 0, &mut gv);
+        let er = entry_rows(&codes.offsets);
+        for p in 0..codes.nnz() {
+            let (row, l) = (er[p] as usize, codes.idx[p] as usize);
+            let s: f64 = (0..d)
+                .map(|j| dy[row * d + j] as f64 * w[l * d + j] as f64)
+                .sum();
+            assert!((s - gv[p] as f64).abs() < 1e-4);
+        }
+        // dW[l] = sum_r val * dy[r] via the CSC, against the dense outer product.
+        let csc = Csc::build(f, &er, &codes.idx);
+        let mut g = vec![0f32; f * d];
+        let sums = accum_rows(&csc, &codes.val, &dy, d, &|_| 0, d, &mut g);
+        for l in 0..f {
+            let s: f64 = (0..rows).map(|i| dense[i * f + l] as f64).sum();
+            assert!((s - sums[l] as f64).abs() < 1e-4);
+            for j in 0..d {
+                let s: f64 = (0..rows)
+                    .map(|i| dense[i * f + l] as f64 * dy[i * d + j] as f64)
+                    .sum();
+                assert!((s - g[l * d + j] as f64).abs() < 1e-4);
+            }
+        }
+        let ws = weighted_row_sum(&w, &sums, d);
+        for j in 0..d {
+            let s: f64 = (0..f).map(|l| sums[l] as f64 * w[l * d + j] as f64).sum();
+            assert!((s - ws[j] as f64).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn encoder_blocks_match_gemm_reference() {
+        let mut r = Rng::new(2);
+        let (rows, f, d) = (37, 50, 19);
+        let x = randn(&mut r, rows * d);
+        let w = randn(&mut r, f * d);
+        let mut buf = Vec::new();
+        let mut got = vec![0f32; rows * f];
+        encoder_blocks(&x, rows, d, &w, f, 8, &mut buf, |r0, blk| {
+            got[r0 * f..r0 * f + blk.len()].copy_from_slice(blk);
+        });
+        let zero = vec![0f32; f];
+        let mut one = vec![0f32; f];
+        for i in 0..rows {
+            pre_row(&x[i * d..(i + 1) * d], &w, &zero, &mut one);
+            for l in 0..f {
+                let s: f64 = (0..d)
+                    .map(|j| x[i * d + j] as f64 * w[l * d + j] as f64)
+                    .sum();
+                assert!((s - got[i * f + l] as f64).abs() < 1e-4);
+                assert!((s - one[l] as f64).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn adam_matches_scalar_reference() {
+        let mut r = Rng::new(4);
+        let n = 100_003;
+        let mut p = randn(&mut r, n);
+        let mut m = vec![0f32; n];
+        let mut v = vec![0f32; n];
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        for t in 1..=3u64 {
+            let g = randn(&mut r, n);
+            let mut g1 = g.clone();
+            let h = AdamHyper {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                t,
+            };
+            adam_step(&mut p, &mut g1, &mut m, &mut v, h);
+            assert!(g1.iter().all(|&x| x == 0.0));
+            for i in 0..n {
+                m2[i] = 0.9 * m2[i] + 0.1 * g[i];
+                v2[i] = 0.999 * v2[i] + 0.001 * g[i] * g[i];
+                let mh = m2[i] as f64 / (1.0 - 0.9f64.powi(t as i32));
+                let vh = v2[i] as f64 / (1.0 - 0.999f64.powi(t as i32));
+                p2[i] -= (1e-2 * mh / (vh.sqrt() + 1e-8)) as f32;
+            }
+        }
+        for i in 0..n {
+            assert!((p[i] - p2[i]).abs() < 1e-5, "{} {}", p[i], p2[i]);
+        }
+    }
+
+    #[test]
+    fn parallel_removal_and_norms() {
+        let mut r = Rng::new(8);
+        let d = 10;
+        let mut w = randn(&mut r, 4 * d);
+        normalize_rows(&mut w, d);
+        for n in row_norms(&w, d) {
+            assert!((n - 1.0).abs() < 1e-6);
+        }
+        let mut g = randn(&mut r, 4 * d);
+        let g0 = g.clone();
+        remove_parallel(&w, &mut g, d, &[true, false, true, true]);
+        assert!(dot(&g[0..d], &w[0..d]).abs() < 1e-5);
+        assert_eq!(&g[d..2 * d], &g0[d..2 * d]);
+        let exact: f64 = g0.iter().map(|&v| (v as f64).powi(2)).sum();
+        assert!((sum_sq(&g0) - exact).abs() < 1e-6 * exact);
+    }
+
+    #[test]
+    fn geometric_median_resists_outliers() {
+        let mut r = Rng::new(1);
+        let (rows, d) = (201, 3);
+        let mut x = randn(&mut r, rows * d);
+        for v in x[..30 * d].iter_mut() {
+            *v += 100.0; // 15% far outliers pull the mean, not the median
+        }
+        let gm = geometric_median(&x, rows, d, 100, 1e-5);
+        let mean = mean_rows(&x, rows, d);
+        assert!(mean[0] > 10.0);
+        assert!(gm.iter().all(|v| v.abs() < 1.0), "{gm:?}");
+        // The median minimises the sum of distances: compare with small perturbations.
+        let cost = |y: &[f32]| -> f64 {
+            x.chunks(d)
+                .map(|row| {
+                    row.iter()
+                        .zip(y)
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .sum()
+        };
+        let c0 = cost(&gm);
+        for j in 0..d {
+            for s in [-0.05f32, 0.05] {
+                let mut y = gm.clone();
+                y[j] += s;
+                assert!(cost(&y) >= c0 - 1e-6);
+            }
+        }
+    }
+}
