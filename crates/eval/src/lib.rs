@@ -1,5 +1,6 @@
 //! saelab-eval: the SAEBench evaluations.
 
+pub mod absorption;
 pub mod cache;
 pub mod core_eval;
 pub mod lm_api;

@@ -124,7 +124,7 @@ impl ToyLm {
             if s.len() > 1 && s.chars().all(|c| c.is_ascii_alphabetic()) {
                 let l = (s.as_bytes()[0].to_ascii_lowercase() - b'a') as usize;
                 for j in 0..d {
-                    emb[i * d + j] += 1.5 * letter[l * d + j];
+                    emb[i * d + j] += 3.0 * letter[l * d + j];
                 }
             }
         }

@@ -49,12 +49,12 @@ pub fn identity_sae(d: usize) -> Sae {
     s
 }
 
-/// Words for the toy LM: 12 per letter a..z, deterministic.
+/// Words for the toy LM: 20 per letter a..z, deterministic.
 pub fn toy_words() -> Vec<String> {
     let mut r = Rng::new(77);
     let mut out = Vec::new();
     for l in b'a'..=b'z' {
-        for _ in 0..12 {
+        for _ in 0..20 {
             let len = 3 + r.below(4);
             let mut w = String::new();
             w.push(l as char);
