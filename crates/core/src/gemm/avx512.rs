@@ -18,9 +18,11 @@ pub(crate) type Avx512Main = Avx512<14, 2>;
 impl<const MR: usize, const NV: usize> Kernel for Avx512<MR, NV> {
     const MR: usize = MR;
     const NR: usize = 16 * NV;
+    // A micro-panel 14 x 256 x 4 B = 14 KiB in L1 (32 KiB); B block 256 x 512 x 4 B =
+    // 512 KiB in L2 (1 MiB); A block up to 3584 x 256 x 4 B = 3.5 MiB in L3.
     const KC: usize = 256;
-    const MC: usize = 14 * 24;
-    const NC: usize = 4096;
+    const MC: usize = 14 * 256;
+    const NC: usize = 512;
 
     #[inline]
     unsafe fn kernel(
@@ -40,6 +42,10 @@ impl<const MR: usize, const NV: usize> Kernel for Avx512<MR, NV> {
 
     unsafe fn pack_b(dst: *mut f32, b: View, pc: usize, kc: usize, j0: usize, nc: usize) {
         pack_b_avx512::<NV>(dst, b, pc, kc, j0, nc)
+    }
+
+    unsafe fn pack_a(dst: *mut f32, a: View, i0: usize, mc: usize, pc: usize, kc: usize) {
+        pack_a_avx512::<MR>(dst, a, i0, mc, pc, kc)
     }
 }
 
@@ -207,6 +213,51 @@ unsafe fn pack_b_avx512<const NV: usize>(
             }
         } else {
             super::driver::pack_b_generic(nr, d, b, pc, kc, jb, w);
+        }
+    }
+}
+
+/// A packing. Row-major A (unit column stride, the usual activation layout) needs a
+/// transpose into `kc x MR` panels: 16 depths of up to 16 rows are loaded as vectors,
+/// transposed in registers and stored as `MR`-wide masked rows. Column-contiguous A is a
+/// straight copy and goes through the generic path.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_avx512<const MR: usize>(
+    dst: *mut f32,
+    a: View,
+    i0: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+) {
+    if a.cs != 1 || MR > 16 {
+        super::driver::pack_a_generic(MR, dst, a, i0, mc, pc, kc);
+        return;
+    }
+    let panels = mc.div_ceil(MR);
+    let store_mask = ((1u32 << MR) - 1) as u16;
+    for ip in 0..panels {
+        let ib = i0 + ip * MR;
+        let h = MR.min(mc - ip * MR);
+        let d = dst.add(ip * kc * MR);
+        let mut p = 0;
+        while p < kc {
+            let depth = 16.min(kc - p);
+            let lmask = if depth == 16 {
+                0xFFFF
+            } else {
+                ((1u32 << depth) - 1) as u16
+            };
+            // Rows past `h` stay zero: they pad the last panel.
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (ii, x) in r.iter_mut().enumerate().take(h) {
+                *x = _mm512_maskz_loadu_ps(lmask, a.at(ib + ii, pc + p));
+            }
+            transpose16(&mut r);
+            for (pp, x) in r.iter().enumerate().take(depth) {
+                _mm512_mask_storeu_ps(d.add((p + pp) * MR), store_mask, *x);
+            }
+            p += 16;
         }
     }
 }

@@ -1,8 +1,12 @@
 //! The blocked (Goto/BLIS-style) GEMM driver shared by every microkernel.
 //!
-//! Loop nest, outermost first: column blocks of C (`nc`), depth blocks (`kc`, B block
-//! packed once here), row blocks (`mc`, A block packed here), then `nr`-wide and `mr`-tall
-//! micro-tiles handed to the kernel. Packing copies each operand into the exact order the
+//! Loop nest, outermost first: depth blocks (`kc`), row blocks (`mc`, A block packed
+//! here — large, it lives in L3 and is packed once per depth block), column blocks (`nc`,
+//! B block packed here, sized to stay in L2), then `mr`-tall rows of micro-tiles, then
+//! `nr`-wide micro-tiles handed to the kernel. The innermost loop keeps one A micro-panel
+//! (`kc x MR`, the broadcast operand) in L1 and streams B micro-panels (the vector
+//! operand) from L2 — the BLIS arrangement with the roles of A and B swapped, because our
+//! vectors run along the rows of C. Packing copies each operand into the exact order the
 //! kernel streams it (zero-padded to whole tiles), so any stride combination — row-major,
 //! transposed views, arbitrary steps — runs the same inner loop at the same speed.
 //!
@@ -48,11 +52,11 @@ impl View {
 pub(crate) trait Kernel {
     const MR: usize;
     const NR: usize;
-    /// Depth of one packed block (B micro-panel `kc x NR` should stay in L1).
+    /// Depth of one packed block (the A micro-panel `kc x MR` should stay in L1).
     const KC: usize;
-    /// Rows of A packed at once (the `mc x kc` block should stay in L2).
+    /// Rows of A packed at once (the `mc x kc` block lives in L3).
     const MC: usize;
-    /// Columns of B packed at once (the `kc x nc` block lives in L3).
+    /// Columns of B packed at once (the `kc x nc` block should stay in L2).
     const NC: usize;
 
     /// # Safety
@@ -258,24 +262,24 @@ unsafe fn run_task<K: Kernel>(
         let mc_max = blk.mc.min((t.i1 - t.i0).next_multiple_of(K::MR));
         let bbuf = scratch.b.ptr(blk.kc * nc_max);
         let abuf = scratch.a.ptr(blk.kc * mc_max);
-        let mut jc = t.j0;
-        while jc < t.j1 {
-            let nc = blk.nc.min(t.j1 - jc);
-            let mut pc = 0;
-            while pc < k {
-                let kc = blk.kc.min(k - pc);
-                K::pack_b(bbuf, b, pc, kc, jc, nc);
-                let beta_eff = if pc == 0 { beta } else { 1.0 };
-                let mut ic = t.i0;
-                while ic < t.i1 {
-                    let mc = blk.mc.min(t.i1 - ic);
-                    K::pack_a(abuf, a, ic, mc, pc, kc);
+        let mut pc = 0;
+        while pc < k {
+            let kc = blk.kc.min(k - pc);
+            let beta_eff = if pc == 0 { beta } else { 1.0 };
+            let mut ic = t.i0;
+            while ic < t.i1 {
+                let mc = blk.mc.min(t.i1 - ic);
+                K::pack_a(abuf, a, ic, mc, pc, kc);
+                let mut jc = t.j0;
+                while jc < t.j1 {
+                    let nc = blk.nc.min(t.j1 - jc);
+                    K::pack_b(bbuf, b, pc, kc, jc, nc);
                     macro_tile::<K>(kc, mc, nc, abuf, bbuf, alpha, beta_eff, c, ic, jc);
-                    ic += mc;
+                    jc += nc;
                 }
-                pc += kc;
+                ic += mc;
             }
-            jc += nc;
+            pc += kc;
         }
     })
 }
@@ -296,14 +300,14 @@ unsafe fn macro_tile<K: Kernel>(
 ) {
     let np = nc.div_ceil(K::NR);
     let mp = mc.div_ceil(K::MR);
-    for jr in 0..np {
-        let bp = bbuf.add(jr * kc * K::NR);
-        let nr = K::NR.min(nc - jr * K::NR);
-        let j = jc + jr * K::NR;
-        for ir in 0..mp {
-            let ap = abuf.add(ir * kc * K::MR);
-            let mr = K::MR.min(mc - ir * K::MR);
-            let i = ic + ir * K::MR;
+    for ir in 0..mp {
+        let ap = abuf.add(ir * kc * K::MR);
+        let mr = K::MR.min(mc - ir * K::MR);
+        let i = ic + ir * K::MR;
+        for jr in 0..np {
+            let bp = bbuf.add(jr * kc * K::NR);
+            let nr = K::NR.min(nc - jr * K::NR);
+            let j = jc + jr * K::NR;
             let cp = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
             K::kernel(kc, ap, bp, cp, c.rs, c.cs, mr, nr, alpha, beta);
         }
@@ -348,49 +352,49 @@ pub(crate) unsafe fn gemm_blocked<K: Kernel>(
         );
         return;
     }
-    let tasks = split_tasks::<K>(m, n, blk, threads);
+    let tasks = split_tasks::<K>(m, n, threads);
     tasks
         .par_iter()
         .for_each(|&t| run_task::<K>(t, k, blk, alpha, a, b, beta, c));
 }
 
-/// Cut C into tasks: column ranges when N is wide (each task packs a disjoint part of B,
-/// and A — usually the smaller operand — is re-packed per task as it is per `nc` block
-/// anyway), otherwise row ranges. The count is a multiple of `threads` so the static
-/// share is even, and at least one task per `nc` block so work can be stolen when a
-/// core is busy.
-fn split_tasks<K: Kernel>(m: usize, n: usize, blk: Blocking, threads: usize) -> Vec<Task> {
-    let n_panels = n.div_ceil(K::NR);
-    let m_panels = m.div_ceil(K::MR);
-    let mut tasks = Vec::new();
-    if n_panels >= 2 * threads || n_panels >= m_panels {
-        let want = n.div_ceil(blk.nc).max(threads).next_multiple_of(threads);
-        let count = want.min(n_panels);
-        for t in 0..count {
-            let p0 = n_panels * t / count;
-            let p1 = n_panels * (t + 1) / count;
-            if p1 > p0 {
-                tasks.push(Task {
+/// Cut C into tasks. Splitting N makes every task pack all of A (its rows), splitting M
+/// makes every task pack all of B, so split the dimension whose duplicated operand is
+/// smaller (N when m <= n). Use two tasks per thread — so a thread slowed by another
+/// process hands work to the other — when the split dimension is long enough that the
+/// extra packing stays around 1% of the multiply, else one per thread.
+fn split_tasks<K: Kernel>(m: usize, n: usize, threads: usize) -> Vec<Task> {
+    let split_n = m <= n;
+    let (len, unit) = if split_n { (n, K::NR) } else { (m, K::MR) };
+    let panels = len.div_ceil(unit);
+    let per_task_min = 1024;
+    let count = if len / (2 * threads) >= per_task_min {
+        2 * threads
+    } else {
+        threads
+    };
+    let count = count.min(panels);
+    let mut tasks = Vec::with_capacity(count);
+    for t in 0..count {
+        let p0 = panels * t / count;
+        let p1 = panels * (t + 1) / count;
+        if p1 > p0 {
+            let (x0, x1) = (p0 * unit, (p1 * unit).min(len));
+            tasks.push(if split_n {
+                Task {
                     i0: 0,
                     i1: m,
-                    j0: p0 * K::NR,
-                    j1: (p1 * K::NR).min(n),
-                });
-            }
-        }
-    } else {
-        let count = threads.min(m_panels);
-        for t in 0..count {
-            let p0 = m_panels * t / count;
-            let p1 = m_panels * (t + 1) / count;
-            if p1 > p0 {
-                tasks.push(Task {
-                    i0: p0 * K::MR,
-                    i1: (p1 * K::MR).min(m),
+                    j0: x0,
+                    j1: x1,
+                }
+            } else {
+                Task {
+                    i0: x0,
+                    i1: x1,
                     j0: 0,
                     j1: n,
-                });
-            }
+                }
+            });
         }
     }
     tasks
