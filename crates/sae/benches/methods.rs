@@ -1,0 +1,142 @@
+//! Timing of the research methods' penalties (not a test; `harness = false`).
+//!
+//! Run: `cargo bench -p saelab-sae --bench methods` (add `-- quick` for fewer repeats).
+//! Prints, per case, the median wall time of the sparse Method 1 penalty (with and
+//! without the EMA of `n_ij`) on synthetic TopK codes at F = 16384, k = 40, B = 2048,
+//! the dense research formula at small F for comparison, and Method 2's penalty,
+//! gate and randomized SVD.
+
+use saelab_core::rng::Rng;
+use saelab_sae::codes::SparseCodes;
+use saelab_sae::methods::pairs::PairEma;
+use saelab_sae::methods::progressive::{dense_reference, sparse_penalty};
+use std::time::Instant;
+
+/// TopK-like codes: each row picks k distinct latents, uniformly (`zipf = 0`) or with
+/// probability proportional to `1 / (rank + 10)^zipf` (real SAEs have skewed firing
+/// frequencies, which concentrates the pair events on fewer, hotter pairs).
+fn synth_codes(rng: &mut Rng, b: usize, f: usize, k: usize, zipf: f64) -> SparseCodes {
+    let weights: Vec<f64> = (0..f).map(|i| 1.0 / ((i + 10) as f64).powf(zipf)).collect();
+    let mut cdf = Vec::with_capacity(f);
+    let mut acc = 0.0;
+    for w in &weights {
+        acc += w;
+        cdf.push(acc);
+    }
+    let perm = rng.permutation(f);
+    let mut c = SparseCodes::with_capacity(b, f, b * k);
+    let mut seen = vec![false; f];
+    let mut row = Vec::with_capacity(k);
+    for _ in 0..b {
+        row.clear();
+        while row.len() < k {
+            let u = rng.f64() * acc;
+            let r = cdf.partition_point(|&x| x < u).min(f - 1);
+            let i = perm[r];
+            if !seen[i] {
+                seen[i] = true;
+                row.push((i as u32, 0.1 + 3.0 * rng.f32()));
+            }
+        }
+        for &(i, _) in &row {
+            seen[i as usize] = false;
+        }
+        c.push_row(row.iter().copied());
+    }
+    c
+}
+
+fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f();
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let reps = if quick { 3 } else { 9 };
+    println!("threads: {}", rayon::current_num_threads());
+    let (f, k, b) = (16384usize, 40usize, 2048usize);
+    let mut rng = Rng::new(42);
+    for zipf in [0.0, 1.0] {
+        let codes = synth_codes(&mut rng, b, f, k, zipf);
+        let mut g = vec![0f32; codes.nnz()];
+        let st = sparse_penalty(&codes, 0.5, 0.2, false, None, Some(&mut g));
+        let ms = median_ms(
+            || {
+                g.iter_mut().for_each(|v| *v = 0.0);
+                sparse_penalty(&codes, 0.5, 0.2, false, None, Some(&mut g));
+            },
+            reps,
+        );
+        println!(
+            "method1 sparse F={f} k={k} B={b} zipf={zipf}: {ms:.1} ms/step (ordered co-firing pairs {}, pair events {})",
+            st.stats.pairs,
+            b * k * (k - 1)
+        );
+        // EMA in steady state: feed fresh batches until the store stops growing.
+        let mut ema = PairEma::new(f, 0.9, 0.01, 8_000_000);
+        let batches: Vec<SparseCodes> = (0..4)
+            .map(|_| synth_codes(&mut rng, b, f, k, zipf))
+            .collect();
+        for s in 0..40 {
+            sparse_penalty(
+                &batches[s % 4],
+                0.5,
+                0.2,
+                false,
+                Some(&mut ema),
+                Some(&mut g),
+            );
+        }
+        let mut s = 0;
+        let ms = median_ms(
+            || {
+                s += 1;
+                sparse_penalty(
+                    &batches[s % 4],
+                    0.5,
+                    0.2,
+                    false,
+                    Some(&mut ema),
+                    Some(&mut g),
+                );
+            },
+            reps,
+        );
+        println!(
+            "method1 sparse+EMA(0.9) F={f} k={k} B={b} zipf={zipf}: {ms:.1} ms/step (stored entries {}, {:.0} MB, evicted so far {})",
+            ema.entries(),
+            ema.entries() as f64 * 16.0 / 1e6,
+            ema.evicted
+        );
+    }
+    // Dense research formula vs sparse at small F (the dense one is O(B F^2) time and
+    // 3 F^2 f64 memory; at F = 16384 that is 6.4 GB).
+    for (f, k, b) in [(256usize, 16usize, 256usize), (1024, 32, 512)] {
+        let codes = synth_codes(&mut rng, b, f, k, 0.0);
+        let dense = codes.to_dense();
+        let dms = median_ms(
+            || {
+                dense_reference(&dense, b, f, 0.5, 0.2, false, None);
+            },
+            3,
+        );
+        let mut g = vec![0f32; codes.nnz()];
+        let sms = median_ms(
+            || {
+                sparse_penalty(&codes, 0.5, 0.2, false, None, Some(&mut g));
+            },
+            reps,
+        );
+        println!(
+            "F={f} k={k} B={b}: dense reference {dms:.1} ms ({:.1} MB of F x F f64 matrices), sparse {sms:.2} ms",
+            3.0 * (f * f * 8) as f64 / 1e6
+        );
+    }
+}
