@@ -3,6 +3,7 @@
 //! - [`plan`]: the plan file (model, hook, corpus, budget, variants with grids, seeds).
 //! - [`results`]: the run-directory layout and the records read back from it.
 //! - [`report`]: report.html / report.md with tables and plots from stored results.
+//! - [`runner`]: `saelab experiment`: cache once, train variants x seeds, evaluate, report.
 //! - [`stats`]: means and 95% intervals over seeds, Welch differences to a baseline.
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
@@ -10,4 +11,5 @@ pub mod plan;
 pub mod plots;
 pub mod report;
 pub mod results;
+pub mod runner;
 pub mod stats;

@@ -1,0 +1,200 @@
+//! `saelab experiment`: run a plan end to end into one run directory.
+//!
+//! Stages: validate everything (plan, every variant's training config) -> cache the
+//! activations once -> per seed, train every unfinished variant together (one read of
+//! each batch feeds them all) -> evaluate each SAE -> results table -> report.
+//! Resumable: finished work is recognised by its files (`summary.json`, an eval's JSON,
+//! a complete activation store) and skipped; a seed whose training was interrupted
+//! resumes from its checkpoints.
+
+use crate::plan::{Plan, Variant};
+use crate::report::{write_report, ReportInput};
+use crate::results::{check_run_format, load_records, variant_dir, write_results_table, RUN_FORMAT_VERSION};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use saelab_core::fsutil::write_atomic;
+use saelab_data::cache::{cache_activations, CacheOptions};
+use saelab_data::corpus::load_corpus;
+use saelab_data::store::{ActivationStore, ShuffleOptions, ShuffledReader};
+use saelab_lm::{HookPoint, Model};
+use saelab_sae::{train, TrainConfig, TrainOptions};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How the evaluation stage is run (the CLI supplies it; tests can skip evals).
+pub trait Evaluator {
+    /// Evaluate the SAE in `sae_dir` with `evals`, writing `<eval>.json` files into
+    /// `out_dir` (atomically; an existing file means done).
+    fn evaluate(&self, model: &Model, sae_dir: &Path, evals: &[String], out_dir: &Path, seed: u64, sizes: &str) -> Result<()>;
+}
+
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    pub progress: bool,
+}
+
+/// A variant's training config for one seed, checked before any compute.
+pub fn variant_config(plan: &Plan, v: &Variant, seed: u64) -> Result<TrainConfig> {
+    let mut t = v.train.clone();
+    t.insert("seed".into(), toml::Value::Integer(seed as i64));
+    t.insert("total_tokens".into(), toml::Value::Integer(plan.train_tokens as i64));
+    let mut cfg: TrainConfig = toml::Value::Table(t)
+        .try_into()
+        .with_context(|| format!("variant `{}`: invalid training settings", v.name))?;
+    cfg.metadata.hook_name = plan.hook.clone();
+    cfg.metadata.context_size = plan.ctx_len;
+    cfg.metadata.prepend_bos = true;
+    cfg.metadata.dataset_path = plan.corpus.clone();
+    if (cfg.batch_size as u64) > plan.train_tokens {
+        bail!(
+            "variant `{}`: the token budget ({}) is below one batch ({} tokens)",
+            v.name,
+            plan.train_tokens,
+            cfg.batch_size
+        );
+    }
+    Ok(cfg)
+}
+
+fn bar(progress: bool, len: u64) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:.bold} [{elapsed_precise}] {wide_bar} {pos}/{len} work items, ETA {eta} — {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_prefix("experiment");
+    pb
+}
+
+/// Run (or resume) a plan. Returns the path of report.html.
+pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &RunOptions) -> Result<PathBuf> {
+    let run = &opts.run_dir;
+    check_run_format(run)?;
+    let variants = plan.expand()?;
+    let hook: HookPoint = plan.hook.parse().with_context(|| format!("plan `{}`: bad hook", plan.name))?;
+    // Every config is checked before anything is computed.
+    let mut configs = Vec::new();
+    for v in &variants {
+        for &s in &plan.seeds {
+            configs.push((v.clone(), s, variant_config(plan, v, s)?));
+        }
+    }
+    let batch = configs[0].2.batch_size;
+    if let Some((v, _, c)) = configs.iter().find(|(_, _, c)| c.batch_size != batch) {
+        bail!("variant `{}` has batch_size {} but others {batch}: variants trained together share batches", v.name, c.batch_size);
+    }
+    let plan_path = run.join("plan.toml");
+    if plan_path.exists() {
+        let old = std::fs::read_to_string(&plan_path).with_context(|| format!("cannot read {}", plan_path.display()))?;
+        let old_plan = Plan::parse(&old).with_context(|| format!("{} (from an earlier run) is not a valid plan", plan_path.display()))?;
+        if toml::to_string(&old_plan)? != toml::to_string(plan)? {
+            bail!("{} holds a different plan; resume it with the same plan or choose a new run directory", run.display());
+        }
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+    write_atomic(&plan_path, plan_text.as_bytes())?;
+    let stamp = json!({"format_version": RUN_FORMAT_VERSION, "saelab_version": env!("CARGO_PKG_VERSION"), "plan": plan.name});
+    write_atomic(&run.join("saelab-run.json"), serde_json::to_string_pretty(&stamp)?.as_bytes())?;
+
+    let n_items = 1 + plan.seeds.len() + variants.len() * plan.seeds.len();
+    let overall = bar(opts.progress, n_items as u64);
+    let t0 = Instant::now();
+
+    // Stage 1: activations.
+    overall.set_message("loading the model");
+    let model_path = saelab_core::assets::resolve_model(&plan.model)?;
+    let model = Model::load(&model_path).with_context(|| format!("loading model {}", model_path.display()))?;
+    hook.check(model.config().n_layers)?;
+    let store_dir = run.join("activations");
+    overall.set_message("caching activations");
+    let complete = ActivationStore::open(&store_dir).map(|s| s.manifest().complete).unwrap_or(false);
+    if !complete {
+        let dataset = load_corpus(&plan.corpus)?;
+        let mut co = CacheOptions::new(hook);
+        co.tokens = plan.train_tokens;
+        co.ctx_len = plan.ctx_len;
+        co.progress = opts.progress;
+        cache_activations(&model, &dataset, &co, &store_dir)?;
+    }
+    let store = Arc::new(ActivationStore::open(&store_dir)?);
+    overall.inc(1);
+
+    // Stage 2: training, one shared read per seed.
+    for &seed in &plan.seeds {
+        overall.set_message(format!("training seed {seed}"));
+        let todo: Vec<&(Variant, u64, TrainConfig)> = configs
+            .iter()
+            .filter(|(v, s, _)| *s == seed && !variant_dir(run, &v.name, seed).join("summary.json").exists())
+            .collect();
+        if !todo.is_empty() {
+            let cfgs: Vec<TrainConfig> = todo.iter().map(|(_, _, c)| {
+                let mut c = c.clone();
+                c.metadata.model_name = model.config().name.clone();
+                c
+            }).collect();
+            let dirs: Vec<PathBuf> = todo.iter().map(|(v, s, _)| variant_dir(run, &v.name, *s)).collect();
+            let resume = dirs.iter().any(|d| d.join("checkpoint.safetensors").exists());
+            let mut source = ShuffledReader::new(store.clone(), ShuffleOptions { seed, ..Default::default() });
+            let topts = TrainOptions { resume, overwrite: !resume, progress: opts.progress, loop_source: true, ..Default::default() };
+            let summaries = train(&cfgs, &mut source, &dirs, topts).with_context(|| format!("training seed {seed}"))?;
+            for (((v, s, c), sum), dir) in todo.iter().zip(&summaries).zip(&dirs) {
+                let fin = serde_json::to_value(&sum.final_metrics)?;
+                let summary = json!({
+                    "variant": v.name, "seed": s, "steps": sum.steps, "total_steps": sum.planned_steps,
+                    "tokens": sum.tokens, "wall_seconds": sum.wall_seconds, "tokens_per_second": sum.tokens_per_second,
+                    "architecture": c.architecture, "d_sae": c.d_sae, "k": c.k, "final": fin,
+                });
+                write_atomic(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            }
+        }
+        overall.inc(1);
+    }
+
+    // Stage 3: evaluations.
+    for (v, seed, _) in &configs {
+        overall.set_message(format!("evaluating {} seed {seed}", v.name));
+        let dir = variant_dir(run, &v.name, *seed);
+        let out = dir.join("evals");
+        let missing: Vec<String> = plan.evals.iter().filter(|e| !out.join(format!("{e}.json")).exists()).cloned().collect();
+        if !missing.is_empty() {
+            evaluator.evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
+                .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
+        }
+        overall.inc(1);
+    }
+    overall.finish_with_message(format!("done in {:.0} s", t0.elapsed().as_secs_f64()));
+    write_run_report(run, plan)
+}
+
+/// (Re)write results.csv/json and the report from what the run directory holds.
+pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
+    let records = load_records(run)?;
+    write_results_table(run, &records)?;
+    let variants = plan.expand()?;
+    let setup = vec![
+        ("plan".to_string(), plan.name.clone()),
+        ("model".to_string(), plan.model.clone()),
+        ("hook".to_string(), plan.hook.clone()),
+        ("corpus".to_string(), plan.corpus.clone()),
+        ("tokens per SAE".to_string(), plan.train_tokens.to_string()),
+        ("context length".to_string(), plan.ctx_len.to_string()),
+        ("seeds".to_string(), plan.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        ("evaluations".to_string(), plan.evals.join(", ")),
+        ("evaluation sizes".to_string(), plan.eval_sizes.clone()),
+    ];
+    let input = ReportInput {
+        title: format!("saelab experiment: {}", plan.name),
+        setup,
+        baseline: plan.baseline_name()?,
+        variant_order: variants.iter().map(|v| v.name.clone()).collect(),
+        flag_dead_fraction: plan.flag_dead_fraction,
+        records: &records,
+    };
+    write_report(run, &input)?;
+    Ok(run.join("report.html"))
+}
