@@ -7,6 +7,8 @@ pub mod lm_api;
 pub mod metrics;
 pub mod output;
 pub mod probe;
+pub mod scr_tpp;
+pub mod sparse_probing;
 pub mod tasks;
 
 #[cfg(test)]
