@@ -1,5 +1,6 @@
 //! saelab-report: experiment plans, the runner, and reports.
 //!
+//! - [`lm_adapter`]: the real LM behind the evaluations' `HookedLm` trait.
 //! - [`plan`]: the plan file (model, hook, corpus, budget, variants with grids, seeds).
 //! - [`results`]: the run-directory layout and the records read back from it.
 //! - [`report`]: report.html / report.md with tables and plots from stored results.
@@ -7,6 +8,7 @@
 //! - [`stats`]: means and 95% intervals over seeds, Welch differences to a baseline.
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
+pub mod lm_adapter;
 pub mod plan;
 pub mod plots;
 pub mod report;
