@@ -59,13 +59,7 @@ pub fn decoder_cosine_stats(
 ) -> CosineStats {
     let w = &w_dec[..f * d_in];
     let norms: Vec<f32> = (0..f)
-        .map(|i| {
-            w[i * d_in..(i + 1) * d_in]
-                .iter()
-                .map(|x| (*x as f64).powi(2))
-                .sum::<f64>()
-                .sqrt() as f32
-        })
+        .map(|i| super::norm(&w[i * d_in..(i + 1) * d_in]) as f32)
         .collect();
     let exact = opts.sample_rows >= f;
     let mut rows: Vec<usize> = if exact {

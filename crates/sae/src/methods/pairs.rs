@@ -1,83 +1,126 @@
 //! The sparse co-activation engine shared by both methods.
 //!
 //! Both research penalties only involve pairs of latents that fire on the same token.
-//! With TopK codes a batch of B rows has at most `B * k * (k - 1)` ordered pair events,
-//! against `F^2` entries for the dense formula. We compute, per latent `i`, the sparse
-//! row `i` of `M^T M` (co-firing counts) and of `F^T F` (activation dot products) with
-//! Gustavson's algorithm: walk the rows where `i` fires (a CSC transpose of the codes),
-//! and scatter every other active latent of those rows into a dense per-thread
-//! accumulator of length F (cache-resident at F = 16384). Latents are independent, so
-//! they run in parallel with rayon, and each writes only its own slice of outputs, which
-//! keeps the result bit-for-bit deterministic regardless of thread scheduling.
+//! With TopK codes a batch of B rows has `B * k * (k - 1) / 2` unordered pair events,
+//! against `F^2` entries for the dense formula. Each row's firing latents are sorted by
+//! index once, so the partners `j > i` of latent `i` in a row are the entries after
+//! `i`'s own position. Per latent `i` we compute the upper-triangular sparse row `i` of
+//! `M^T M` (co-firing counts) and `F^T F` (activation dot products) with Gustavson's
+//! algorithm: walk the rows where `i` fires (a CSC transpose) and scatter the later
+//! entries into a dense per-thread accumulator of length F (cache-resident at
+//! F = 16384). A pair's gradient then flows to both of its code values in the same
+//! pass. Latents are processed in 16 fixed contiguous chunks in parallel; each chunk has
+//! its own gradient buffer and the buffers are summed in chunk order, so results are
+//! bit-for-bit identical for any number of threads.
 //!
 //! [`PairEma`] keeps exponential moving averages of per-pair statistics in sparse,
 //! bounded memory (see its docs for the eviction rule).
 
 use crate::codes::SparseCodes;
+use rayon::prelude::*;
 
-/// Column-compressed (per latent) view of the non-zero entries of a batch of codes.
-/// Entries with value exactly 0 are treated as "not firing" and left out.
+/// The non-zero entries of a batch of codes, rows sorted by latent index, plus their
+/// per-latent (CSC) transpose. Entries with value exactly 0 are "not firing" and left out.
 #[derive(Clone, Debug, Default)]
 pub struct Csc {
     pub d_sae: usize,
-    /// Latent `i`'s entries are `offsets[i]..offsets[i + 1]`.
-    pub offsets: Vec<usize>,
-    /// Row (token) of each entry.
-    pub rows: Vec<u32>,
-    /// Position of the entry in `codes.val` (so gradients can be scattered back).
-    pub csr_pos: Vec<u32>,
+    pub rows: usize,
+    /// Row `r`'s sorted entries are `row_off[r]..row_off[r + 1]` of `idx`/`val`.
+    pub row_off: Vec<usize>,
+    pub idx: Vec<u32>,
     pub val: Vec<f32>,
+    /// Position of each sorted entry in the original `codes.val`.
+    pub orig: Vec<u32>,
+    /// Latent `i`'s entries are `col_off[i]..col_off[i + 1]` of `col_pos`, which holds
+    /// positions into the sorted arrays (ascending rows).
+    pub col_off: Vec<usize>,
+    pub col_pos: Vec<u32>,
+    /// `row_end[p]`: end of the row that sorted position `p` belongs to.
+    pub row_end: Vec<u32>,
 }
 
 impl Csc {
     pub fn build(codes: &SparseCodes) -> Csc {
         let f = codes.d_sae;
-        let mut offsets = vec![0usize; f + 1];
-        for (p, &i) in codes.idx.iter().enumerate() {
-            if codes.val[p] != 0.0 {
-                offsets[i as usize + 1] += 1;
+        let mut row_off = Vec::with_capacity(codes.rows + 1);
+        row_off.push(0);
+        let nnz_max = codes.nnz();
+        let (mut idx, mut val, mut orig) = (
+            Vec::with_capacity(nnz_max),
+            Vec::with_capacity(nnz_max),
+            Vec::with_capacity(nnz_max),
+        );
+        let mut row: Vec<(u32, f32, u32)> = Vec::new();
+        for r in 0..codes.rows {
+            row.clear();
+            for p in codes.offsets[r]..codes.offsets[r + 1] {
+                if codes.val[p] != 0.0 {
+                    row.push((codes.idx[p], codes.val[p], p as u32));
+                }
             }
+            row.sort_unstable_by_key(|e| e.0);
+            for &(i, v, p) in &row {
+                idx.push(i);
+                val.push(v);
+                orig.push(p);
+            }
+            row_off.push(idx.len());
+        }
+        let nnz = idx.len();
+        let mut col_off = vec![0usize; f + 1];
+        for &i in &idx {
+            col_off[i as usize + 1] += 1;
         }
         for i in 0..f {
-            offsets[i + 1] += offsets[i];
+            col_off[i + 1] += col_off[i];
         }
-        let nnz = offsets[f];
-        let mut fill = offsets.clone();
-        let mut rows = vec![0u32; nnz];
-        let mut csr_pos = vec![0u32; nnz];
-        let mut val = vec![0f32; nnz];
+        let mut fill = col_off.clone();
+        let mut col_pos = vec![0u32; nnz];
+        let mut row_end = vec![0u32; nnz];
         for r in 0..codes.rows {
-            for p in codes.offsets[r]..codes.offsets[r + 1] {
-                let v = codes.val[p];
-                if v == 0.0 {
-                    continue;
-                }
-                let i = codes.idx[p] as usize;
-                let q = fill[i];
+            for p in row_off[r]..row_off[r + 1] {
+                let i = idx[p] as usize;
+                col_pos[fill[i]] = p as u32;
                 fill[i] += 1;
-                rows[q] = r as u32;
-                csr_pos[q] = p as u32;
-                val[q] = v;
+                row_end[p] = row_off[r + 1] as u32;
             }
         }
         Csc {
             d_sae: f,
-            offsets,
-            rows,
-            csr_pos,
+            rows: codes.rows,
+            row_off,
+            idx,
             val,
+            orig,
+            col_off,
+            col_pos,
+            row_end,
         }
     }
 
     /// Number of rows in which latent `i` fires.
     #[inline]
     pub fn count(&self, i: usize) -> usize {
-        self.offsets[i + 1] - self.offsets[i]
+        self.col_off[i + 1] - self.col_off[i]
     }
 
+    /// Sorted positions of latent `i`'s entries.
     #[inline]
-    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
-        self.offsets[i]..self.offsets[i + 1]
+    pub fn col(&self, i: usize) -> &[u32] {
+        &self.col_pos[self.col_off[i]..self.col_off[i + 1]]
+    }
+
+    /// Euclidean norm of each latent's activation column (f64 accumulation).
+    pub fn col_norms(&self) -> Vec<f32> {
+        (0..self.d_sae)
+            .map(|i| {
+                self.col(i)
+                    .iter()
+                    .map(|&p| (self.val[p as usize] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt() as f32
+            })
+            .collect()
     }
 }
 
@@ -86,6 +129,7 @@ impl Csc {
 pub struct Scratch {
     /// `(count, dot)` per latent, interleaved so one access touches one cache line.
     pub acc: Vec<(u32, f32)>,
+    /// Per-partner gradient weight set by the method between the two passes.
     pub w: Vec<f32>,
     pub pos: Vec<u32>,
     pub touched: Vec<u32>,
@@ -103,19 +147,18 @@ impl Scratch {
         }
     }
 
-    /// Sparse row `i` of `M^T M` and `F^T F`: for every latent `j` co-firing with `i`
-    /// (and `j == i` when `diag`), `acc[j] = (number of rows where both fire, sum over
-    /// those rows of f_i * f_j)`. Touched latents are listed in
+    /// Upper-triangular sparse row `i` of `M^T M` and `F^T F`: for every latent `j > i`
+    /// co-firing with `i` (and `j == i` when `diag`), `acc[j] = (number of rows where
+    /// both fire, sum over those rows of f_i * f_j)`. Touched latents are listed in
     /// `touched` in first-touch order (deterministic).
-    pub fn accumulate(&mut self, i: usize, csc: &Csc, codes: &SparseCodes, diag: bool) {
+    pub fn accumulate(&mut self, i: usize, csc: &Csc, diag: bool) {
         debug_assert!(self.touched.is_empty());
-        for q in csc.range(i) {
-            let vi = csc.val[q];
-            let (idx, val) = codes.row(csc.rows[q] as usize);
-            for (&j, &vj) in idx.iter().zip(val) {
-                if vj == 0.0 || (!diag && j as usize == i) {
-                    continue;
-                }
+        for &p in csc.col(i) {
+            let p = p as usize;
+            let vi = csc.val[p];
+            let from = if diag { p } else { p + 1 };
+            let end = csc.row_end[p] as usize;
+            for (&j, &vj) in csc.idx[from..end].iter().zip(&csc.val[from..end]) {
                 let a = &mut self.acc[j as usize];
                 if a.0 == 0 {
                     self.touched.push(j);
@@ -126,26 +169,23 @@ impl Scratch {
         }
     }
 
-    /// For each row where `i` fires, `out[q] = sum_j w[j] * f_j` over the row's firing
-    /// latents (the gradient of `sum_j w_ij f_i^T f_j` with respect to `f_ti`).
-    pub fn gather_grad(
-        &self,
-        i: usize,
-        csc: &Csc,
-        codes: &SparseCodes,
-        diag: bool,
-        out: &mut [f32],
-    ) {
-        for (k, q) in csc.range(i).enumerate() {
-            let (idx, val) = codes.row(csc.rows[q] as usize);
-            let mut g = 0f32;
-            for (&j, &vj) in idx.iter().zip(val) {
-                if !diag && j as usize == i {
-                    continue;
-                }
-                g += self.w[j as usize] * vj;
+    /// Gradient of `sum_(j >= i) w[j] f_i^T f_j` (with `w` set for the touched `j`)
+    /// with respect to the code values of `i` and of its partners, added into `grad`
+    /// (indexed by sorted position).
+    pub fn scatter_grad(&self, i: usize, csc: &Csc, diag: bool, grad: &mut [f32]) {
+        for &p in csc.col(i) {
+            let p = p as usize;
+            let vi = csc.val[p];
+            let from = if diag { p } else { p + 1 };
+            let end = csc.row_end[p] as usize;
+            let mut gi = 0f32;
+            let partners = csc.idx[from..end].iter().zip(&csc.val[from..end]);
+            for (g, (&j, &vj)) in grad[from..end].iter_mut().zip(partners) {
+                let w = self.w[j as usize];
+                gi += w * vj;
+                *g += w * vi;
             }
-            out[k] = g;
+            grad[p] += gi;
         }
     }
 
@@ -159,6 +199,88 @@ impl Scratch {
         self.touched.clear();
     }
 }
+
+thread_local! {
+    /// Each rayon worker keeps its O(F) scratch between steps (allocating and zeroing
+    /// ~0.4 MB per chunk per step was a measurable share of the penalty's time). The
+    /// scratch is always left reset (accumulators zero, `pos` all `u32::MAX`).
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+fn with_scratch<R>(f: usize, body: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|s| s.acc.len()) != Some(f) {
+            *slot = Some(Scratch::new(f));
+        }
+        body(slot.as_mut().expect("scratch just set"))
+    })
+}
+
+/// Number of fixed latent chunks (independent of the thread count, for determinism).
+pub const CHUNKS: usize = 16;
+
+/// Run `visit(scratch, i, list)` for every firing latent `i` after
+/// [`Scratch::accumulate`]; `visit` sets `scratch.w[j]` for the touched `j` when a
+/// gradient is wanted. Returns the per-latent results in latent order and, when
+/// `want_grad`, the gradient indexed by sorted position (see [`Csc::orig`]).
+pub fn run_latents<R: Send>(
+    csc: &Csc,
+    lists: Option<&mut [Vec<PairEntry>]>,
+    diag: bool,
+    want_grad: bool,
+    visit: impl Fn(&mut Scratch, usize, Option<&mut Vec<PairEntry>>) -> R + Sync,
+) -> (Vec<R>, Vec<f32>) {
+    let f = csc.d_sae;
+    let nnz = csc.idx.len();
+    let per = f.div_ceil(CHUNKS).max(1);
+    let mut chunk_lists: Vec<Option<&mut [Vec<PairEntry>]>> = Vec::with_capacity(CHUNKS);
+    match lists {
+        Some(l) => {
+            assert_eq!(l.len(), f, "pair statistics built for another d_sae");
+            for c in l.chunks_mut(per) {
+                chunk_lists.push(Some(c));
+            }
+        }
+        None => chunk_lists.extend((0..f.div_ceil(per)).map(|_| None)),
+    }
+    let outs: Vec<(Vec<R>, Vec<f32>)> = chunk_lists
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, mut lists)| {
+            let lo = c * per;
+            let hi = (lo + per).min(f);
+            with_scratch(f, |s| {
+                let mut grad = vec![0f32; if want_grad { nnz } else { 0 }];
+                let mut res = Vec::new();
+                for i in lo..hi {
+                    if csc.count(i) == 0 {
+                        continue;
+                    }
+                    s.accumulate(i, csc, diag);
+                    let list = lists.as_mut().map(|l| &mut l[i - lo]);
+                    res.push(visit(s, i, list));
+                    if want_grad {
+                        s.scatter_grad(i, csc, diag, &mut grad);
+                    }
+                    s.reset();
+                }
+                (res, grad)
+            })
+        })
+        .collect();
+    let mut grad = vec![0f32; if want_grad { nnz } else { 0 }];
+    let mut res = Vec::new();
+    for (r, g) in outs {
+        res.extend(r);
+        if want_grad {
+            grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        }
+    }
+    (res, grad)
+}
+
+const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA1";
 
 /// One stored pair statistic, in the list of its first latent `i`: `v` holds two
 /// values (e.g. `[n_ij, n_ji]`), `last` the update index at which they were written.
@@ -174,9 +296,9 @@ pub struct PairEntry {
 /// Semantics: identical to the dense EMA `e_t = m e_(t-1) + (1 - m) x_t` over all F x F
 /// pairs where `x_t = 0` for pairs absent from the batch, initialised with the first
 /// batch (`e_1 = x_1`). Storage: per latent `i`, a list of entries for the latents
-/// `j` it has co-fired with; both `(i, j)` and `(j, i)` are stored (the two lists hold
-/// the same numbers, swapped), so a latent's update needs no other latent's list and
-/// latents update in parallel. Absent pairs decay lazily: a value written at update
+/// `j >= i` it has co-fired with (each unordered pair once, in the list of its smaller
+/// latent, with both ordered values), so a latent's update needs no other latent's list
+/// and latents update in parallel. Absent pairs decay lazily: a value written at update
 /// `L` reads `v * m^(t - L)` at update `t`.
 ///
 /// Eviction (bounded memory):
@@ -184,8 +306,7 @@ pub struct PairEntry {
 ///    reads as 0 and is dropped when its latent is next updated;
 /// 2. when the total number of entries exceeds `max_entries`, the smallest decayed
 ///    entries are dropped until at most `3/4 * max_entries` remain (the hysteresis makes
-///    the O(entries) selection rare). Both copies of a pair hold the same value, so the
-///    rule drops both together.
+///    the O(entries) selection rarer).
 ///
 /// Memory: 16 bytes per entry, so `max_entries = 8_000_000` is at most 128 MB.
 #[derive(Clone, Debug)]
@@ -299,6 +420,86 @@ impl PairEma {
         });
     }
 
+    /// Compact little-endian serialisation for checkpoints (JSON would be ~3x larger
+    /// at millions of entries): magic, `t`, `evicted`, then per latent the entry count
+    /// and its `(j, last, v0, v1)` entries.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + 4 * self.lists.len() + 16 * self.entries());
+        out.extend_from_slice(PEMA_MAGIC);
+        out.extend_from_slice(&(self.lists.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.t.to_le_bytes());
+        out.extend_from_slice(&self.evicted.to_le_bytes());
+        for l in &self.lists {
+            out.extend_from_slice(&(l.len() as u32).to_le_bytes());
+            for e in l {
+                out.extend_from_slice(&e.j.to_le_bytes());
+                out.extend_from_slice(&e.last.to_le_bytes());
+                out.extend_from_slice(&e.v[0].to_le_bytes());
+                out.extend_from_slice(&e.v[1].to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Restore the statistics written by [`PairEma::to_bytes`] (the hyper-parameters stay
+    /// those of `self`); errors name what is wrong.
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        use anyhow::{bail, Context};
+        let mut r = bytes;
+        let mut take = |n: usize| -> anyhow::Result<&[u8]> {
+            if r.len() < n {
+                bail!("pair statistics: saved state is truncated");
+            }
+            let (a, b) = r.split_at(n);
+            r = b;
+            Ok(a)
+        };
+        if take(PEMA_MAGIC.len())? != PEMA_MAGIC {
+            bail!("pair statistics: saved state has the wrong format");
+        }
+        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let n = u64::from_le_bytes(take(8)?.try_into().context("length")?) as usize;
+        if n != self.lists.len() {
+            bail!(
+                "pair statistics: saved state has {n} latents, this run has {}",
+                self.lists.len()
+            );
+        }
+        let t = u32_of(take(4)?);
+        let evicted = u64::from_le_bytes(take(8)?.try_into().context("evicted")?);
+        let mut lists = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = u32_of(take(4)?) as usize;
+            let raw = take(16 * len)?;
+            let mut l = Vec::with_capacity(len);
+            for e in raw.chunks_exact(16) {
+                let j = u32_of(&e[0..4]);
+                if j as usize >= n {
+                    bail!("pair statistics: saved state names latent {j} >= {n}");
+                }
+                l.push(PairEntry {
+                    j,
+                    last: u32_of(&e[4..8]),
+                    v: [
+                        f32::from_bits(u32_of(&e[8..12])),
+                        f32::from_bits(u32_of(&e[12..16])),
+                    ],
+                });
+            }
+            lists.push(l);
+        }
+        if !r.is_empty() {
+            bail!(
+                "pair statistics: {} unexpected trailing bytes in saved state",
+                r.len()
+            );
+        }
+        self.lists = lists;
+        self.t = t;
+        self.evicted = evicted;
+        Ok(())
+    }
+
     /// Start update `t + 1` (call once per batch before the per-latent updates).
     pub fn begin(&mut self) -> u32 {
         self.t += 1;
@@ -359,46 +560,76 @@ mod tests {
     }
 
     #[test]
-    fn accumulate_matches_dense_products() {
+    fn accumulate_and_scatter_match_dense_products() {
         let mut rng = Rng::new(5);
         let (b, f, k) = (37, 23, 5);
         let codes = random_codes(&mut rng, b, f, k);
         let dense = codes.to_dense();
         let csc = Csc::build(&codes);
         let mut s = Scratch::new(f);
-        for i in 0..f {
-            assert_eq!(
-                csc.count(i),
-                (0..b).filter(|&t| dense[t * f + i] != 0.0).count()
-            );
-            s.accumulate(i, &csc, &codes, true);
-            for j in 0..f {
-                let (mut c, mut d) = (0u32, 0f64);
+        for diag in [false, true] {
+            for i in 0..f {
+                assert_eq!(
+                    csc.count(i),
+                    (0..b).filter(|&t| dense[t * f + i] != 0.0).count()
+                );
+                s.accumulate(i, &csc, diag);
+                for j in 0..f {
+                    let (mut c, mut d) = (0u32, 0f64);
+                    if j > i || (diag && j == i) {
+                        for t in 0..b {
+                            let (a, bb) = (dense[t * f + i], dense[t * f + j]);
+                            if a != 0.0 && bb != 0.0 {
+                                c += 1;
+                                d += a as f64 * bb as f64;
+                            }
+                        }
+                    }
+                    assert_eq!(s.acc[j].0, c);
+                    assert!((s.acc[j].1 as f64 - d).abs() < 1e-4 * (1.0 + d.abs()));
+                    assert_eq!(s.touched.contains(&(j as u32)), c > 0);
+                }
+                // Gradient of sum_j w_j f_i.f_j with w_j = j + 1 (j > i), by hand.
+                for &j in &s.touched {
+                    s.w[j as usize] = j as f32 + 1.0;
+                }
+                let mut g = vec![0f32; csc.idx.len()];
+                s.scatter_grad(i, &csc, diag, &mut g);
+                let mut gd = vec![0f64; b * f];
                 for t in 0..b {
-                    let (a, bb) = (dense[t * f + i], dense[t * f + j]);
-                    if a != 0.0 && bb != 0.0 {
-                        c += 1;
-                        d += a as f64 * bb as f64;
+                    let fi = dense[t * f + i] as f64;
+                    if fi == 0.0 {
+                        continue;
+                    }
+                    for j in 0..f {
+                        let fj = dense[t * f + j] as f64;
+                        if fj != 0.0 && (j > i || (diag && j == i)) {
+                            let w = j as f64 + 1.0;
+                            gd[t * f + i] += w * fj;
+                            gd[t * f + j] += w * fi;
+                        }
                     }
                 }
-                assert_eq!(s.acc[j].0, c);
-                assert!((s.acc[j].1 as f64 - d).abs() < 1e-4 * (1.0 + d.abs()));
-                assert_eq!(s.touched.contains(&(j as u32)), c > 0);
+                for (q, &p) in csc.orig.iter().enumerate() {
+                    let r = codes.offsets.partition_point(|&o| o <= p as usize) - 1;
+                    let want = gd[r * f + codes.idx[p as usize] as usize];
+                    assert!((g[q] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+                }
+                s.reset();
+                assert!(s.acc.iter().all(|&c| c == (0, 0.0)));
             }
-            s.reset();
-            assert!(s.acc.iter().all(|&c| c == (0, 0.0)));
         }
     }
 
     #[test]
-    fn ema_bound_drops_smallest_pairs_symmetrically() {
-        let mut ema = PairEma::new(4, 0.5, 0.0, 6);
+    fn ema_bound_drops_smallest_pairs() {
+        let mut ema = PairEma::new(4, 0.5, 0.0, 3);
         let t = ema.begin();
         let mut pos = vec![u32::MAX; 4];
         let mut sv = vec![[0f32; 2]; 4];
-        // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3: 8 entries > 6 -> keep 4.
+        // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3: 4 entries > 3 -> keep 2.
         let vals = |a: u32, b: u32| -> f32 {
-            match (a.min(b), a.max(b)) {
+            match (a, b) {
                 (0, 1) => 0.9,
                 (0, 2) => 0.1,
                 (1, 3) => 0.5,
@@ -406,23 +637,34 @@ mod tests {
                 _ => unreachable!(),
             }
         };
-        let nbrs: [&[u32]; 4] = [&[1, 2], &[0, 3], &[0, 3], &[1, 2]];
+        let nbrs: [&[u32]; 4] = [&[1, 2], &[3], &[3], &[]];
         let (m, e) = (ema.momentum, ema.epsilon);
         for (i, list) in ema.lists.iter_mut().enumerate() {
             PairEma::update_list(m, e, t, list, nbrs[i], &mut pos, &mut sv, |j| {
-                [vals(i as u32, j); 2]
+                [vals(i as u32, j), 0.0]
             });
         }
-        assert_eq!(ema.entries(), 8);
-        ema.enforce_bound();
         assert_eq!(ema.entries(), 4);
+        ema.enforce_bound();
         let kept: Vec<(usize, u32)> = ema
             .lists
             .iter()
             .enumerate()
             .flat_map(|(i, l)| l.iter().map(move |e| (i, e.j)))
             .collect();
-        assert_eq!(kept, vec![(0, 1), (1, 0), (1, 3), (3, 1)]);
-        assert_eq!(ema.evicted, 4);
+        assert_eq!(kept, vec![(0, 1), (1, 3)]);
+        assert_eq!(ema.evicted, 2);
+        // Lazy decay: one update later, (0,1) reads 0.9 * 0.5.
+        ema.begin();
+        assert!((ema.read(&ema.lists[0][0])[0] - 0.45).abs() < 1e-7);
+        let bytes = ema.to_bytes();
+        let mut back = PairEma::new(4, 0.5, 0.0, 3);
+        back.load_bytes(&bytes).unwrap();
+        assert_eq!(
+            (back.lists.clone(), back.t, back.evicted),
+            (ema.lists.clone(), ema.t, ema.evicted)
+        );
+        assert!(back.load_bytes(&bytes[..bytes.len() - 3]).is_err());
+        assert!(PairEma::new(5, 0.5, 0.0, 3).load_bytes(&bytes).is_err());
     }
 }

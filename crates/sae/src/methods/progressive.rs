@@ -11,12 +11,11 @@
 //! Gradient: `d/d f_ti [c_ij |D_ij| + c_ji |D_ji|] = (c_ij + c_ji) sign(D_ij) f_tj`
 //! with `D = F^T F` symmetric; `sign(0) = 0`.
 
-use super::pairs::{Csc, PairEma, Scratch};
+use super::pairs::{run_latents, Csc, PairEma};
 use super::schedule::{warmup_factor, ThresholdSchedule, WeightSchedule};
 use crate::codes::SparseCodes;
 use crate::regularizer::{DecoderRowGrads, PenaltyOut, Regularizer, StepContext};
-use anyhow::{bail, Result};
-use rayon::prelude::*;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of Method 1 (TOML: the fields of `[method]` with
@@ -159,7 +158,7 @@ pub fn sparse_penalty(
     threshold: f64,
     weight: f64,
     diag: bool,
-    mut ema: Option<&mut PairEma>,
+    ema: Option<&mut PairEma>,
     grad_val: Option<&mut [f32]>,
 ) -> ProgressiveStep {
     let f = codes.d_sae;
@@ -169,101 +168,79 @@ pub fn sparse_penalty(
     let scale = (weight / b as f64) as f32;
     let want_grad = grad_val.is_some();
     let inv_counts: Vec<f32> = (0..f).map(|i| 1.0 / csc.count(i).max(1) as f32).collect();
-    let mut grad_csc = vec![0f32; if want_grad { csc.rows.len() } else { 0 }];
 
-    let ema_params = ema.as_mut().map(|e| {
-        let t = e.begin();
-        (e.momentum, e.epsilon, t)
-    });
-    // One work item per firing latent: its output slice and its EMA list.
-    let mut lists_iter = ema.as_mut().map(|e| e.lists.iter_mut());
-    let mut rest: &mut [f32] = &mut grad_csc;
-    let mut items = Vec::with_capacity(f);
-    for i in 0..f {
-        let n = if want_grad { csc.count(i) } else { 0 };
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-        rest = tail;
-        let list = lists_iter.as_mut().map(|it| it.next().unwrap());
-        if csc.count(i) > 0 {
-            items.push((i, head, list));
+    let (ema_params, lists) = match ema {
+        Some(e) => {
+            let t = e.begin();
+            ((e.momentum, e.epsilon, t, true), Some(e))
         }
-    }
-
-    // Bounded number of leaf jobs, each allocating one O(F) scratch.
-    let min_len = items.len() / (rayon::current_num_threads() * 16) + 1;
-    let outs: Vec<LatentOut> = items
-        .into_par_iter()
-        .with_min_len(min_len)
-        .map_init(
-            || Scratch::new(f),
-            |s, (i, out, list)| {
-                s.accumulate(i, &csc, codes, diag);
-                let inv_i = inv_counts[i];
-                let inv_count = |j: u32| inv_counts[j as usize];
-                let mut o = LatentOut {
-                    loss: 0.0,
-                    pairs: 0,
-                    above: 0,
-                    sum_c: 0.0,
-                };
-                let mut visit = |s_w: &mut [f32], j: u32, d: f32, nij: f32, nji: f32| {
-                    let ju = j as usize;
-                    let cij = clamp_c(nij, thr);
-                    let cji = clamp_c(nji, thr);
-                    o.loss += cij as f64 * d.abs() as f64;
-                    if ju != i {
-                        o.pairs += 1;
-                        o.above += (nij > thr) as u64;
-                        o.sum_c += cij as f64;
-                    }
-                    let sign = if d > 0.0 {
-                        1.0
-                    } else if d < 0.0 {
-                        -1.0
-                    } else {
-                        0.0
-                    };
-                    s_w[ju] = (cij + cji) * sign * scale;
-                };
-                if let (Some(list), Some((m, eps, t))) = (list, ema_params) {
-                    // n_ij = C_ij / count_j, n_ji = C_ij / count_i (batch values), averaged.
-                    let acc = &s.acc;
-                    PairEma::update_list(
-                        m,
-                        eps,
-                        t,
-                        list,
-                        &s.touched,
-                        &mut s.pos,
-                        &mut s.ema_val,
-                        |j| {
-                            let c = acc[j as usize].0 as f32;
-                            [c * inv_count(j), c * inv_i]
-                        },
-                    );
-                    for &j in &s.touched {
-                        let [nij, nji] = s.ema_val[j as usize];
-                        visit(&mut s.w, j, s.acc[j as usize].1, nij, nji);
-                    }
+        None => ((0.0, 0.0, 0, false), None),
+    };
+    let (mom, eps, t, use_ema) = ema_params;
+    let mut lists = lists;
+    let (outs, grad) = run_latents(
+        &csc,
+        lists.as_mut().map(|e| e.lists.as_mut_slice()),
+        diag,
+        want_grad,
+        |s, i, list| {
+            let inv_i = inv_counts[i];
+            // Batch values: n_ij = C_ij / count_j, n_ji = C_ij / count_i.
+            let batch = |j: u32, c: u32| [c as f32 * inv_counts[j as usize], c as f32 * inv_i];
+            if let (true, Some(list)) = (use_ema, list) {
+                let acc = &s.acc;
+                PairEma::update_list(
+                    mom,
+                    eps,
+                    t,
+                    list,
+                    &s.touched,
+                    &mut s.pos,
+                    &mut s.ema_val,
+                    |j| batch(j, acc[j as usize].0),
+                );
+            } else {
+                for &j in &s.touched {
+                    s.ema_val[j as usize] = batch(j, s.acc[j as usize].0);
+                }
+            }
+            let mut o = LatentOut {
+                loss: 0.0,
+                pairs: 0,
+                above: 0,
+                sum_c: 0.0,
+            };
+            for &j in &s.touched {
+                let ju = j as usize;
+                let [nij, nji] = s.ema_val[ju];
+                let d = s.acc[ju].1;
+                let sign = if d > 0.0 {
+                    1.0
+                } else if d < 0.0 {
+                    -1.0
                 } else {
-                    for &j in &s.touched {
-                        let (c, d) = s.acc[j as usize];
-                        let c = c as f32;
-                        visit(&mut s.w, j, d, c * inv_count(j), c * inv_i);
-                    }
+                    0.0
+                };
+                let cij = clamp_c(nij, thr);
+                if ju == i {
+                    // Diagonal: c_ii ||f_i||^2; the scatter adds w twice (2 c_ii f_ti).
+                    o.loss += cij as f64 * d.abs() as f64;
+                    s.w[ju] = cij * sign * scale;
+                    continue;
                 }
-                if want_grad {
-                    s.gather_grad(i, &csc, codes, diag, out);
-                }
-                s.reset();
-                o
-            },
-        )
-        .collect();
-
+                let cji = clamp_c(nji, thr);
+                o.loss += (cij + cji) as f64 * d.abs() as f64;
+                o.pairs += 2;
+                o.above += (nij > thr) as u64 + (nji > thr) as u64;
+                o.sum_c += (cij + cji) as f64;
+                s.w[ju] = (cij + cji) * sign * scale;
+            }
+            o
+        },
+    );
     if let Some(g) = grad_val {
-        for (q, &p) in csc.csr_pos.iter().enumerate() {
-            g[p as usize] += grad_csc[q];
+        for (q, &p) in csc.orig.iter().enumerate() {
+            g[p as usize] += grad[q];
         }
     }
     let (mut loss, mut pairs, mut above, mut sum_c) = (0f64, 0u64, 0u64, 0f64);
@@ -273,7 +250,7 @@ pub fn sparse_penalty(
         above += o.above;
         sum_c += o.sum_c;
     }
-    if let Some(e) = ema {
+    if let Some(e) = lists {
         e.enforce_bound();
     }
     let denom = pairs.max(1) as f64;
@@ -455,6 +432,19 @@ impl Regularizer for ProgressiveOrtho {
             loss: w * st.raw,
             metrics,
         })
+    }
+
+    /// The only state is the EMA of `n_ij` (empty when the EMA is off).
+    fn save_state(&self) -> Result<Vec<u8>> {
+        Ok(self.ema.as_ref().map(|e| e.to_bytes()).unwrap_or_default())
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.ema {
+            Some(e) if !bytes.is_empty() => e.load_bytes(bytes).context("progressive_ortho: cannot restore state"),
+            None if !bytes.is_empty() => bail!("progressive_ortho: saved state has EMA statistics but this run's ema_momentum is 0"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -643,6 +633,21 @@ mod tests {
             .metrics
             .iter()
             .any(|(n, v)| n == "ortho_threshold" && *v == 0.85));
+        // Round trip of the (EMA) state through save/load.
+        let mut with_ema = ProgressiveOrtho::new(ProgressiveConfig::default(), 17).unwrap();
+        let mut g2 = vec![0f32; c.nnz()];
+        with_ema
+            .penalty(&ctx, &c, &mut g2, &mut DecoderRowGrads::default())
+            .unwrap();
+        let bytes = with_ema.save_state().unwrap();
+        assert!(!bytes.is_empty());
+        let mut restored = ProgressiveOrtho::new(ProgressiveConfig::default(), 17).unwrap();
+        restored.load_state(&bytes).unwrap();
+        assert_eq!(
+            restored.ema.as_ref().unwrap().lists,
+            with_ema.ema.as_ref().unwrap().lists
+        );
+        assert!(reg.load_state(&bytes).is_err()); // static control has no EMA
         let mut bad = vec![0f32; 3];
         assert!(reg
             .penalty(&ctx, &c, &mut bad, &mut DecoderRowGrads::default())

@@ -129,6 +129,24 @@ pub struct Svd {
     pub v: Vec<f32>,
 }
 
+/// f64 dot product with 4 independent accumulators (a single accumulator is
+/// latency-bound on long columns).
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc[0] + acc[1] + acc[2] + acc[3];
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 /// Orthonormalise the `l` columns of a row-major `m x l` block in place (modified
 /// Gram-Schmidt in f64, twice for stability). Columns that collapse to zero stay zero.
 fn orthonormalize(y: &mut [f32], m: usize, l: usize) {
@@ -140,10 +158,10 @@ fn orthonormalize(y: &mut [f32], m: usize, l: usize) {
             let (done, rest) = cols.split_at_mut(c);
             let cur = &mut rest[0];
             for prev in done.iter() {
-                let d: f64 = prev.iter().zip(cur.iter()).map(|(a, b)| a * b).sum();
+                let d = dot64(prev, cur);
                 cur.iter_mut().zip(prev).for_each(|(x, p)| *x -= d * p);
             }
-            let n = cur.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let n = dot64(cur, cur).sqrt();
             if n > 1e-30 {
                 cur.iter_mut().for_each(|x| *x /= n);
             } else {

@@ -15,7 +15,7 @@
 //! The choices behind every default are in `docs/methods.md`.
 
 use super::monitor::{decoder_cosine_stats, CosineOptions};
-use super::pairs::{Csc, PairEma, Scratch};
+use super::pairs::{run_latents, Csc, PairEma};
 use super::rsvd::{randomized_svd, DenseOp, SparseSymOp};
 use crate::codes::SparseCodes;
 use crate::regularizer::{DecoderRowGrads, Gate, PenaltyOut, Regularizer, StepContext};
@@ -463,65 +463,46 @@ pub fn interference_candidates(
     tau: f32,
     max_pairs: usize,
 ) -> (Vec<(u32, u32, f32)>, usize) {
-    let f = codes.d_sae;
     let csc = Csc::build(codes);
-    let col_norm: Vec<f32> = (0..f)
-        .map(|i| {
-            csc.range(i)
-                .map(|q| (csc.val[q] as f64).powi(2))
-                .sum::<f64>()
-                .sqrt() as f32
-        })
-        .collect();
+    let col_norm = csc.col_norms();
     let inv_b = 1.0 / codes.rows.max(1) as f32;
     let (m, eps) = (ema.momentum, ema.epsilon);
     let t = ema.begin();
-    let items: Vec<(usize, &mut Vec<PairEntry>)> = ema
-        .lists
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| csc.count(*i) > 0)
-        .collect();
-    let min_len = items.len() / (rayon::current_num_threads() * 16) + 1;
-    let per: Vec<Vec<(u32, u32, f32)>> = items
-        .into_par_iter()
-        .with_min_len(min_len)
-        .map_init(
-            || Scratch::new(f),
-            |s, (i, list)| {
-                s.accumulate(i, &csc, codes, false);
-                let acc = &s.acc;
-                PairEma::update_list(
-                    m,
-                    eps,
-                    t,
-                    list,
-                    &s.touched,
-                    &mut s.pos,
-                    &mut s.ema_val,
-                    |j| {
-                        let d = acc[j as usize].1;
-                        let x = match statistic {
-                            Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
-                            Statistic::SecondMoment => d * inv_b,
-                        };
-                        [x, x]
-                    },
-                );
-                let mut out = Vec::new();
-                for &j in &s.touched {
-                    if (j as usize) > i {
-                        let a = s.ema_val[j as usize][0] - tau;
-                        if a > 0.0 {
-                            out.push((i as u32, j, a));
-                        }
-                    }
+    let (per, _) = run_latents(
+        &csc,
+        Some(ema.lists.as_mut_slice()),
+        false,
+        false,
+        |s, i, list| {
+            let list = list.expect("lists given");
+            let acc = &s.acc;
+            PairEma::update_list(
+                m,
+                eps,
+                t,
+                list,
+                &s.touched,
+                &mut s.pos,
+                &mut s.ema_val,
+                |j| {
+                    let d = acc[j as usize].1;
+                    let x = match statistic {
+                        Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
+                        Statistic::SecondMoment => d * inv_b,
+                    };
+                    [x, x]
+                },
+            );
+            let mut out = Vec::new();
+            for &j in &s.touched {
+                let a = s.ema_val[j as usize][0] - tau;
+                if a > 0.0 {
+                    out.push((i as u32, j, a));
                 }
-                s.reset();
-                out
-            },
-        )
-        .collect();
+            }
+            out
+        },
+    );
     ema.enforce_bound();
     let mut all: Vec<(u32, u32, f32)> = per.into_iter().flatten().collect();
     let candidates = all.len();
@@ -536,8 +517,6 @@ pub fn interference_candidates(
     (all, candidates)
 }
 
-use super::pairs::PairEntry;
-
 /// The interference penalty on the decoder for the given pairs: returns the step
 /// summary and pushes `weight * d(mass)/d(W_dec rows)` into `grad_dec` (one row per
 /// involved latent, ascending latent order). Rows need not be unit norm: the gradient
@@ -551,23 +530,12 @@ pub fn interference_penalty(
     grad_dec: Option<&mut DecoderRowGrads>,
 ) -> InterferenceStep {
     let row = |i: u32| &w_dec[i as usize * d_in..(i as usize + 1) * d_in];
-    let norm = |i: u32| {
-        row(i)
-            .iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12) as f32
-    };
+    let norm = |i: u32| super::norm(row(i)).max(1e-12) as f32;
     let evaluated: Vec<(PenalisedPair, f32, f32, f32)> = pairs
         .par_iter()
         .map(|&(i, j, a)| {
             let (ni, nj) = (norm(i), norm(j));
-            let dot: f64 = row(i)
-                .iter()
-                .zip(row(j))
-                .map(|(x, y)| *x as f64 * *y as f64)
-                .sum();
+            let dot = super::dot(row(i), row(j));
             let cos = (dot / (ni as f64 * nj as f64)) as f32;
             let (g, _) = overlap.eval(cos);
             (PenalisedPair { i, j, a, cos }, a * g, ni, nj)
@@ -668,12 +636,7 @@ pub fn pick_reactivations(
         let mut m = vec![0f32; ids.len() * d_in];
         for (k, &i) in ids.iter().enumerate() {
             let r = &w_dec[i as usize * d_in..(i as usize + 1) * d_in];
-            let n = r
-                .iter()
-                .map(|x| (*x as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-12) as f32;
+            let n = super::norm(r).max(1e-12) as f32;
             m[k * d_in..(k + 1) * d_in]
                 .iter_mut()
                 .zip(r)
@@ -761,7 +724,7 @@ impl SelfCorrecting {
         let mut trip = Vec::new();
         for (i, l) in self.ema.lists.iter().enumerate() {
             for e in l {
-                if e.j as usize > i {
+                if e.j as usize != i {
                     let a = self.ema.read(e)[0] - tau;
                     if a > 0.0 {
                         trip.push((i as u32, e.j, a));
@@ -790,13 +753,18 @@ impl SelfCorrecting {
         order
     }
 
-    /// Forget the statistics of re-initialised latents (both copies of each pair).
+    /// Forget the statistics of re-initialised latents (every pair they belong to).
     fn forget(&mut self, latents: &[u32]) {
+        if latents.is_empty() {
+            return;
+        }
+        let mut gone = vec![false; self.d_sae];
         for &d in latents {
-            let list = std::mem::take(&mut self.ema.lists[d as usize]);
-            for e in list {
-                self.ema.lists[e.j as usize].retain(|x| x.j != d);
-            }
+            gone[d as usize] = true;
+            self.ema.lists[d as usize].clear();
+        }
+        for l in &mut self.ema.lists {
+            l.retain(|e| !gone[e.j as usize]);
         }
     }
 
@@ -814,9 +782,12 @@ impl SelfCorrecting {
             r.power_iters,
             &mut self.rng,
         );
-        let fro2: f64 = ctx.w_dec[..ctx.d_sae * ctx.d_in]
+        let wd = &ctx.w_dec[..ctx.d_sae * ctx.d_in];
+        let fro2: f64 = wd
+            .par_chunks(ctx.d_in)
+            .map(|r| super::dot(r, r))
+            .collect::<Vec<f64>>()
             .iter()
-            .map(|x| (*x as f64).powi(2))
             .sum();
         let top: f64 = svd.s.iter().map(|s| s * s).sum();
         let s1 = svd.s.first().copied().unwrap_or(0.0);
@@ -853,9 +824,6 @@ impl SelfCorrecting {
 
 #[derive(Serialize, Deserialize)]
 struct ScState {
-    t: u32,
-    evicted: u64,
-    lists: Vec<Vec<(u32, u32, f32)>>,
     last_fired: Vec<usize>,
     started: bool,
     rng: [u64; 4],
@@ -989,17 +957,10 @@ impl Regularizer for SelfCorrecting {
         Ok(picked)
     }
 
+    /// Layout: 8-byte little-endian length of a JSON header (counters, RNG, log), the
+    /// header, then the pair statistics in [`PairEma::to_bytes`] form.
     fn save_state(&self) -> Result<Vec<u8>> {
-        let lists = self
-            .ema
-            .lists
-            .iter()
-            .map(|l| l.iter().map(|e| (e.j, e.last, e.v[0])).collect())
-            .collect();
         let s = ScState {
-            t: self.ema.t,
-            evicted: self.ema.evicted,
-            lists,
             last_fired: self.last_fired.clone(),
             started: self.started,
             rng: self.rng.state(),
@@ -1007,33 +968,36 @@ impl Regularizer for SelfCorrecting {
             log: self.log.clone(),
             total_reactivated: self.total_reactivated,
         };
-        Ok(serde_json::to_vec(&s)?)
+        let head = serde_json::to_vec(&s)?;
+        let mut out = (head.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&self.ema.to_bytes());
+        Ok(out)
     }
 
     fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let s: ScState = serde_json::from_slice(bytes)
+        if bytes.len() < 8 {
+            bail!("self_correcting: saved state is truncated");
+        }
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        if bytes.len() < 8 + n {
+            bail!("self_correcting: saved state is truncated");
+        }
+        let s: ScState = serde_json::from_slice(&bytes[8..8 + n])
             .map_err(|e| anyhow::anyhow!("self_correcting: cannot read saved state: {e}"))?;
-        if s.lists.len() != self.d_sae || s.last_fired.len() != self.d_sae {
+        if s.last_fired.len() != self.d_sae {
             bail!(
                 "self_correcting: saved state has {} latents, this run has {}",
-                s.lists.len(),
+                s.last_fired.len(),
                 self.d_sae
             );
         }
-        self.ema.t = s.t;
-        self.ema.evicted = s.evicted;
-        self.ema.lists = s
-            .lists
-            .into_iter()
-            .map(|l| {
-                l.into_iter()
-                    .map(|(j, last, v)| PairEntry { j, last, v: [v, v] })
-                    .collect()
-            })
-            .collect();
+        self.ema
+            .load_bytes(&bytes[8 + n..])
+            .map_err(|e| anyhow::anyhow!("self_correcting: {e}"))?;
         self.last_fired = s.last_fired;
         self.started = s.started;
         self.rng = Rng::from_state(s.rng);
