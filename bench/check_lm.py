@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--layers", default="0,7,15,29")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--tiny-gemma2", metavar="DIR", help="also check a random tiny Gemma-2 written to DIR")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -64,11 +65,23 @@ def main():
         rows.append(ref_ids[: args.seq])
     if min(len(r) for r in rows) < args.seq:
         sys.exit(f"texts shorter than --seq {args.seq}")
-    batch = len(rows)
     ids = torch.tensor(rows, dtype=torch.long)
 
     layers = [int(x) for x in args.layers.split(",")]
-    kinds = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"]
+    ref = reference(model, ids, layers, lambda blk: blk.self_attn, lambda blk: blk.mlp)
+    ok = compare(args.dump, args.gguf, rows, ref, layers, args.tol) and tok_ok
+    print(f"tokenizer identical: {tok_ok}")
+    if args.tiny_gemma2:
+        ok &= check_tiny_gemma2(args.dump, args.tiny_gemma2, args.tol)
+    sys.exit(0 if ok else 1)
+
+
+KINDS = ["hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"]
+
+
+def reference(model, ids, layers, attn_out_module, mlp_out_module):
+    """Logits and hook activations of a transformers model via forward hooks. attn_out /
+    mlp_out are the outputs of the given modules (what is added to the residual)."""
     ref = {}
     handles = []
     for L in layers:
@@ -91,18 +104,25 @@ def main():
 
         handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(blk.register_forward_hook(post, with_kwargs=True))
-        handles.append(blk.self_attn.register_forward_hook(attn))
-        handles.append(blk.mlp.register_forward_hook(mlp))
+        handles.append(attn_out_module(blk).register_forward_hook(attn))
+        handles.append(mlp_out_module(blk).register_forward_hook(mlp))
     with torch.no_grad():
-        logits = model(ids).logits.reshape(batch * args.seq, -1).numpy()
-    ref["logits"] = logits
+        logits = model(ids).logits
+    ref["logits"] = logits.reshape(-1, logits.shape[-1]).numpy()
+    for h in handles:
+        h.remove()
+    return ref
 
-    names = [f"blocks.{L}.{k}" for L in layers for k in kinds]
+
+def compare(dump, model_path, rows, ref, layers, tol):
+    """Run our dump on the same ids and print per-tensor errors; True if all within tol."""
+    batch, seq = len(rows), len(rows[0])
+    names = [f"blocks.{L}.{k}" for L in layers for k in KINDS]
     with tempfile.TemporaryDirectory() as tmp:
         tj = os.path.join(tmp, "tokens.json")
         with open(tj, "w") as f:
             json.dump([i for r in rows for i in r], f)
-        subprocess.check_call([args.dump, args.gguf, tmp, tj, str(batch), str(args.seq), *names])
+        subprocess.check_call([dump, model_path, tmp, tj, str(batch), str(seq), *names])
         worst = 0.0
         for key in ["logits"] + names:
             ours = np.load(os.path.join(tmp, f"{key}.npy"))
@@ -110,12 +130,43 @@ def main():
             rel = float(np.linalg.norm(ours - r) / np.linalg.norm(r))
             worst = max(worst, rel)
             print(f"{key:28s} rel_err={rel:.2e} max_abs={float(np.abs(ours - r).max()):.2e}")
-        agree = float((ours_argmax := np.load(os.path.join(tmp, "logits.npy")).argmax(-1)).size and
-                      (ours_argmax == logits.argmax(-1)).mean())
+        ours = np.load(os.path.join(tmp, "logits.npy"))
+        agree = float((ours.argmax(-1) == ref["logits"].argmax(-1)).mean())
     print(f"argmax agreement: {agree:.4f}")
-    print(f"worst relative error: {worst:.2e} (tolerance {args.tol:.0e}); tokenizer identical: {tok_ok}")
-    if worst > args.tol or not tok_ok:
-        sys.exit(1)
+    print(f"worst relative error: {worst:.2e} (tolerance {tol:.0e})")
+    return worst <= tol
+
+
+def check_tiny_gemma2(dump, out_dir, tol):
+    """A random-weight Gemma-2 (soft-capping, sliding window shorter than the sequence,
+    query_pre_attn_scalar != head_dim) saved as safetensors; compare our forward to
+    transformers' eager Gemma-2 on it."""
+    from tokenizers import Tokenizer, models
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                       query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       max_position_embeddings=128, rope_theta=10000.0, attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms are zero at init: randomise them so (1 + w) matters
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.2)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(300)}
+    Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")).save(os.path.join(out_dir, "tokenizer.json"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (2, 24), generator=g)
+    layers = [0, 1, 3]
+    ref = reference(model, ids, layers, lambda b: b.post_attention_layernorm,
+                    lambda b: b.post_feedforward_layernorm)
+    print("tiny Gemma-2 (random weights, safetensors):")
+    return compare(dump, out_dir, ids.tolist(), ref, layers, tol)
 
 
 if __name__ == "__main__":

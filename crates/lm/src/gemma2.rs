@@ -113,8 +113,11 @@ pub(crate) fn attn_block(
     let qkv = &mut ws.qkv[..rows * wq];
     ops::linear(h, rows, &layer.wqkv, wq, d, qkv);
     ops::rope_qkv(qkv, seq, nh, nkv, hd, rope);
-    // Hugging Face Gemma-2: layers with even index use the sliding window.
-    let window = if l.is_multiple_of(2) { c.sliding_window } else { None };
+    let window = if c.sliding_layers[l] {
+        c.sliding_window
+    } else {
+        None
+    };
     let p = AttnParams {
         n_heads: nh,
         n_kv_heads: nkv,

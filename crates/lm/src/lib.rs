@@ -60,8 +60,10 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma-2: final logit soft-cap.
     pub final_softcap: Option<f32>,
-    /// Gemma-2: sliding window on even layers.
+    /// Gemma-2: sliding-window length, used by the layers marked in `sliding_layers`.
     pub sliding_window: Option<usize>,
+    /// Per layer: whether attention uses `sliding_window` (Gemma-2: even layers).
+    pub sliding_layers: Vec<bool>,
     pub tied_embeddings: bool,
 }
 
@@ -410,6 +412,7 @@ fn load_gguf(path: &Path) -> Result<(ModelConfig, Tokenizer, Weights)> {
         attn_softcap: None,
         final_softcap: None,
         sliding_window: None,
+        sliding_layers: vec![false; n_layers],
         tied_embeddings: !g.tensors.iter().any(|t| t.name == "output.weight"),
     };
     if arch_enum == Arch::Gemma2 {
@@ -419,6 +422,8 @@ fn load_gguf(path: &Path) -> Result<(ModelConfig, Tokenizer, Weights)> {
             .get_u64(&key("attention.sliding_window"))
             .ok()
             .map(|v| v as usize);
+        // llama.cpp, like Hugging Face, slides on even layers.
+        config.sliding_layers = (0..n_layers).map(|l| l.is_multiple_of(2)).collect();
         // GGUF does not store query_pre_attn_scalar; llama.cpp uses d/n_heads for the
         // 46-layer (27B) model and head_dim otherwise, matching the released configs.
         let q = if n_layers == 46 {
@@ -448,7 +453,8 @@ fn check_config(c: &ModelConfig, file: &str) -> Result<()> {
         c.head_dim,
         c.d_ff,
     ];
-    if pos.contains(&0) || !c.n_heads.is_multiple_of(c.n_kv_heads) || !c.head_dim.is_multiple_of(2) {
+    if pos.contains(&0) || !c.n_heads.is_multiple_of(c.n_kv_heads) || !c.head_dim.is_multiple_of(2)
+    {
         bail!("{file}: inconsistent model configuration {c:?}");
     }
     Ok(())
@@ -482,16 +488,24 @@ fn load_safetensors_dir(dir: &Path) -> Result<(ModelConfig, Tokenizer, Weights)>
     let d = u("hidden_size")?;
     let n_heads = u("num_attention_heads")?;
     let head_dim = u("head_dim").unwrap_or(d / n_heads.max(1));
-    if let Some(rs) = j.get("rope_scaling").filter(|v| !v.is_null()) {
-        let ty = rs
-            .get("rope_type")
-            .or_else(|| rs.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("?");
-        if ty != "default" {
-            bail!("{file}: rope_scaling type {ty:?} is not supported");
+    // transformers >= 5 keeps rope settings in `rope_parameters`, older versions in
+    // `rope_theta` + `rope_scaling`; only plain (unscaled) RoPE is implemented.
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(rs) = j.get(key).filter(|v| !v.is_null()) {
+            let ty = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            if ty != "default" {
+                bail!("{file}: {key} type {ty:?} is not supported (only unscaled RoPE)");
+            }
         }
     }
+    let rope_theta = f("rope_theta")
+        .or_else(|| j["rope_parameters"]["rope_theta"].as_f64())
+        .unwrap_or(10000.0);
+    let n_layers = u("num_hidden_layers")?;
     let act = j["hidden_activation"]
         .as_str()
         .or_else(|| j["hidden_act"].as_str());
@@ -506,19 +520,20 @@ fn load_safetensors_dir(dir: &Path) -> Result<(ModelConfig, Tokenizer, Weights)>
             .unwrap_or_default(),
         arch,
         d_model: d,
-        n_layers: u("num_hidden_layers")?,
+        n_layers,
         vocab_size: u("vocab_size")?,
         n_heads,
         n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
         head_dim,
         d_ff: u("intermediate_size")?,
         rms_eps: f("rms_norm_eps").unwrap_or(1e-6) as f32,
-        rope_theta: f("rope_theta").unwrap_or(10000.0),
+        rope_theta,
         max_seq: u("max_position_embeddings").unwrap_or(2048),
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
         attn_softcap: None,
         final_softcap: None,
         sliding_window: None,
+        sliding_layers: vec![false; n_layers],
         tied_embeddings: j["tie_word_embeddings"]
             .as_bool()
             .unwrap_or(arch == Arch::Gemma2),
@@ -527,6 +542,18 @@ fn load_safetensors_dir(dir: &Path) -> Result<(ModelConfig, Tokenizer, Weights)>
         config.attn_softcap = f("attn_logit_softcapping").map(|v| v as f32);
         config.final_softcap = f("final_logit_softcapping").map(|v| v as f32);
         config.sliding_window = u("sliding_window").ok();
+        config.sliding_layers = match j["layer_types"].as_array() {
+            Some(types) if types.len() == n_layers => types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect(),
+            Some(types) => bail!(
+                "{file}: layer_types has {} entries for {n_layers} layers",
+                types.len()
+            ),
+            // Hugging Face Gemma-2 before `layer_types`: even layers slide.
+            None => (0..n_layers).map(|l| l.is_multiple_of(2)).collect(),
+        };
         let q = f("query_pre_attn_scalar").unwrap_or(head_dim as f64);
         config.attn_scale = (1.0 / q.sqrt()) as f32;
     }
