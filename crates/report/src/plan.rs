@@ -347,3 +347,21 @@ grid = { "method.lambda_max" = [0.1, 0.3] }
         assert!(format!("{e:#}").contains("two variants are named `ortho`"), "{e:#}");
     }
 }
+
+#[cfg(test)]
+mod shipped_plans {
+    use super::*;
+
+    #[test]
+    fn shipped_plans_parse_and_expand() {
+        for (name, text) in [
+            ("quickstart", include_str!("../../../plans/quickstart.toml")),
+            ("research", include_str!("../../../plans/research.toml")),
+        ] {
+            let p = Plan::parse(text).unwrap_or_else(|e| panic!("plans/{name}.toml: {e:#}"));
+            assert_eq!(p.name, name);
+            assert!(p.expand().unwrap().len() >= 3);
+            assert_eq!(p.seeds.len(), 3);
+        }
+    }
+}
