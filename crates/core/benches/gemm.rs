@@ -10,7 +10,10 @@
 //! what survives interference from other processes on a small machine, the median is
 //! printed next to it.
 
-use saelab_core::gemm::{gemm, gemm_serial, kernel_name, MatMut, MatRef};
+use half::bf16;
+use saelab_core::gemm::{
+    gemm, gemm_bf16b, gemm_bf16b_serial, gemm_serial, kernel_name, BfMatRef, MatMut, MatRef,
+};
 use saelab_core::rng::Rng;
 use std::time::Instant;
 
@@ -191,8 +194,8 @@ fn main() {
     }
     println!("GFLOP/s, best (median) of repeated runs");
     print!(
-        "{:<30} {:>16} {:>16} {:>16}",
-        "shape [m x k] x [k x n]", "saelab", "saelab serial", "matrixmultiply"
+        "{:<52} {:>16} {:>16} {:>16} {:>16}",
+        "shape [m x k] x [k x n]", "saelab", "saelab serial", "saelab bf16 B", "matrixmultiply"
     );
     #[cfg(feature = "bench-peers")]
     print!(" {:>16}", "gemm 0.19");
@@ -249,7 +252,10 @@ fn run_shape(s: &Shape) {
     };
     let ser = cell(
         flops,
-        time_it(|| gemm_serial(1.0, av, bv, 0.0, MatMut::row_major(&mut c, m, n))),
+        time_it_mode(
+            || gemm_serial(1.0, av, bv, 0.0, MatMut::row_major(&mut c, m, n)),
+            true,
+        ),
     );
     // matrixmultiply threads itself (MATMUL_NUM_THREADS, default: physical cores).
     let mm = cell(
@@ -273,11 +279,29 @@ fn run_shape(s: &Shape) {
             )
         }),
     );
+    // The same B stored as bf16 (weights kept in bf16), widened while packing.
+    let b16: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+    let bv16 = match s.b {
+        BLayout::RowMajor => BfMatRef::row_major(&b16, k, n),
+        BLayout::Transposed => BfMatRef::row_major(&b16, n, k).t(),
+    };
+    let bf = cell(
+        flops,
+        time_it(|| {
+            let cm = MatMut::row_major(&mut c, m, n);
+            if s.serial_only {
+                gemm_bf16b_serial(1.0, av, bv16, 0.0, cm)
+            } else {
+                gemm_bf16b(1.0, av, bv16, 0.0, cm)
+            }
+        }),
+    );
     print!(
-        "{:<30} {:>16} {:>16} {:>16}",
+        "{:<52} {:>16} {:>16} {:>16} {:>16}",
         format!("{} [{m}x{k}]x[{k}x{n}]", s.name),
         par,
         ser,
+        bf,
         mm
     );
     #[cfg(feature = "bench-peers")]

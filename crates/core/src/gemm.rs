@@ -14,6 +14,8 @@ mod avx512;
 mod driver;
 mod portable;
 
+use half::bf16;
+
 /// A read-only strided matrix view. Element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
@@ -209,13 +211,15 @@ fn gemm_dispatch(
         // SAFETY: shapes and bounds were checked by `check_shapes`; C is injective and
         // exclusively borrowed, so tiles written by different tasks never overlap.
         unsafe {
-            driver::gemm_blocked::<avx512::Avx512Main>(m, n, k, alpha, av, bv, beta, cv, threads)
+            driver::gemm_blocked::<avx512::Avx512Main, _>(m, n, k, alpha, av, bv, beta, cv, threads)
         };
         return;
     }
     if threads <= 1 {
         // SAFETY: as above.
-        unsafe { driver::gemm_blocked::<portable::Portable>(m, n, k, alpha, av, bv, beta, cv, 1) };
+        unsafe {
+            driver::gemm_blocked::<portable::Portable, _>(m, n, k, alpha, av, bv, beta, cv, 1)
+        };
         return;
     }
     // SAFETY: as above; matrixmultiply takes the same (ptr, rs, cs) description and,
@@ -225,6 +229,148 @@ fn gemm_dispatch(
             m, k, n, alpha, av.ptr, a.rs, a.cs, bv.ptr, b.rs, b.cs, beta, cv.ptr, c.rs, c.cs,
         );
     }
+}
+
+/// A read-only strided bf16 matrix view (e.g. weights kept in bf16 to halve their
+/// memory); element (i, j) is `data[i * rs + j * cs]`. Used as the B operand of
+/// [`gemm_bf16b`], widened to f32 while packing.
+#[derive(Clone, Copy, Debug)]
+pub struct BfMatRef<'a> {
+    pub data: &'a [bf16],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<'a> BfMatRef<'a> {
+    /// A row-major `rows x cols` matrix over `data` (row stride = cols).
+    pub fn row_major(data: &'a [bf16], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "BfMatRef: buffer too small");
+        BfMatRef {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, as a view (no copy).
+    pub fn t(self) -> Self {
+        BfMatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Element (i, j) widened to f32.
+    #[inline]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[(i as isize * self.rs + j as isize * self.cs) as usize].to_f32()
+    }
+
+    fn check(&self) {
+        if self.rows == 0 || self.cols == 0 {
+            return;
+        }
+        let last = (self.rows as isize - 1) * self.rs + (self.cols as isize - 1) * self.cs;
+        assert!(self.rs >= 0 && self.cs >= 0, "negative strides unsupported");
+        assert!((last as usize) < self.data.len(), "BfMatRef out of bounds");
+    }
+}
+
+/// `C = alpha * A * B + beta * C` with B stored as bf16 (products and sums in f32, as if
+/// B had been converted to f32 first). Same contract and threading as [`gemm`].
+pub fn gemm_bf16b(alpha: f32, a: MatRef, b: BfMatRef, beta: f32, c: MatMut) {
+    let (m, k, n) = check_shapes_bf16(&a, &b, &c);
+    let threads = if m * n * k < SERIAL_BELOW {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    gemm_bf16b_dispatch(m, n, k, alpha, a, b, beta, c, threads);
+}
+
+/// [`gemm_bf16b`] on the calling thread only (never spawns or joins threads).
+pub fn gemm_bf16b_serial(alpha: f32, a: MatRef, b: BfMatRef, beta: f32, c: MatMut) {
+    let (m, k, n) = check_shapes_bf16(&a, &b, &c);
+    gemm_bf16b_dispatch(m, n, k, alpha, a, b, beta, c, 1);
+}
+
+fn check_shapes_bf16(a: &MatRef, b: &BfMatRef, c: &MatMut) -> (usize, usize, usize) {
+    assert_eq!(a.cols, b.rows, "gemm_bf16b: inner dimensions differ");
+    assert_eq!(a.rows, c.rows, "gemm_bf16b: A rows != C rows");
+    assert_eq!(b.cols, c.cols, "gemm_bf16b: B cols != C cols");
+    a.check();
+    b.check();
+    c.check();
+    (a.rows, a.cols, b.cols)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16b_dispatch(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: MatRef,
+    b: BfMatRef,
+    beta: f32,
+    c: MatMut,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == 0.0 {
+        scale_c(beta, c);
+        return;
+    }
+    if !c_is_injective(&c) {
+        // Overlapping output elements: sequential reference order (see `gemm_dispatch`).
+        let bf: Vec<f32> = b.data.iter().map(|x| x.to_f32()).collect();
+        let bv = MatRef {
+            data: &bf,
+            rows: b.rows,
+            cols: b.cols,
+            rs: b.rs,
+            cs: b.cs,
+        };
+        gemm_reference(alpha, a, bv, beta, c);
+        return;
+    }
+    let av = driver::View {
+        ptr: a.data.as_ptr(),
+        rs: a.rs,
+        cs: a.cs,
+    };
+    // `half::bf16` is `repr(transparent)` over its u16 bit pattern.
+    let bv = driver::BfView {
+        ptr: b.data.as_ptr() as *const u16,
+        rs: b.rs,
+        cs: b.cs,
+    };
+    let cv = driver::ViewMut {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.rs,
+        cs: c.cs,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: as in `gemm_dispatch`.
+        unsafe {
+            driver::gemm_blocked::<avx512::Avx512Main, _>(m, n, k, alpha, av, bv, beta, cv, threads)
+        };
+        return;
+    }
+    // SAFETY: as in `gemm_dispatch`.
+    unsafe {
+        driver::gemm_blocked::<portable::Portable, _>(m, n, k, alpha, av, bv, beta, cv, threads)
+    };
 }
 
 fn scale_c(beta: f32, c: MatMut) {
@@ -521,7 +667,7 @@ mod tests {
                 cs: c.cs,
             };
             unsafe {
-                driver::gemm_blocked::<portable::Portable>(m, n, k, alpha, av, bv, beta, cv, 1)
+                driver::gemm_blocked::<portable::Portable, _>(m, n, k, alpha, av, bv, beta, cv, 1)
             };
         }
         for &(m, k, n) in &[(1, 1, 1), (9, 17, 15), (70, 300, 20)] {
@@ -529,6 +675,122 @@ mod tests {
                 check_with(portable, m, k, n, ta, tb, 1.0, 0.0);
                 check_with(portable, m, k, n, ta, tb, 0.5, 1.0);
             }
+        }
+    }
+
+    #[test]
+    fn bf16_b_matches_reference_on_widened_b() {
+        // Reference: the same bf16 values widened to f32 up front.
+        for &(m, k, n) in &[(1, 1, 1), (15, 17, 33), (29, 300, 47), (70, 520, 300)] {
+            for tb in [false, true] {
+                let mut r = Rng::new((m * 13 + k * 5 + n) as u64);
+                let mut a = vec![0f32; m * k];
+                let mut bf = vec![0f32; k * n];
+                r.fill_normal(&mut a, 1.0);
+                r.fill_normal(&mut bf, 1.0);
+                let b16: Vec<bf16> = bf.iter().map(|&x| bf16::from_f32(x)).collect();
+                let bw: Vec<f32> = b16.iter().map(|x| x.to_f32()).collect();
+                let av = MatRef::row_major(&a, m, k);
+                let (bv16, bvw) = if tb {
+                    (
+                        BfMatRef::row_major(&b16, n, k).t(),
+                        MatRef::row_major(&bw, n, k).t(),
+                    )
+                } else {
+                    (
+                        BfMatRef::row_major(&b16, k, n),
+                        MatRef::row_major(&bw, k, n),
+                    )
+                };
+                let mut c0 = vec![0f32; m * n];
+                r.fill_normal(&mut c0, 1.0);
+                for (alpha, beta) in [(1.0, 0.0), (0.5, -1.0)] {
+                    let mut want = c0.clone();
+                    gemm_reference(alpha, av, bvw, beta, MatMut::row_major(&mut want, m, n));
+                    for f in [
+                        gemm_bf16b as fn(f32, MatRef, BfMatRef, f32, MatMut),
+                        gemm_bf16b_serial,
+                    ] {
+                        let mut got = c0.clone();
+                        f(alpha, av, bv16, beta, MatMut::row_major(&mut got, m, n));
+                        assert_close(&got, &want, k, &format!("bf16 ({m},{k},{n}) tb={tb}"));
+                    }
+                }
+            }
+        }
+        // beta == 0 overwrites NaN here too.
+        let b16 = vec![bf16::from_f32(0.5); 6];
+        let a = [1f32, 2.0];
+        let mut c = vec![f32::NAN; 3];
+        gemm_bf16b(
+            1.0,
+            MatRef::row_major(&a, 1, 2),
+            BfMatRef::row_major(&b16, 2, 3),
+            0.0,
+            MatMut::row_major(&mut c, 1, 3),
+        );
+        assert_eq!(c, vec![1.5; 3]);
+    }
+
+    #[test]
+    fn portable_bf16_packing_matches_reference() {
+        // The generic bf16 packing (non-AVX-512 CPUs, and B views with no unit stride).
+        let (m, k, n) = (9, 37, 21);
+        let mut r = Rng::new(3);
+        let mut a = vec![0f32; m * k];
+        let mut bf = vec![0f32; 3 * k * n];
+        r.fill_normal(&mut a, 1.0);
+        r.fill_normal(&mut bf, 1.0);
+        let b16: Vec<bf16> = bf.iter().map(|&x| bf16::from_f32(x)).collect();
+        let bw: Vec<f32> = b16.iter().map(|x| x.to_f32()).collect();
+        let av = MatRef::row_major(&a, m, k);
+        for (rs, cs) in [(n as isize, 1), (1, k as isize), (3 * n as isize, 3)] {
+            let bv16 = BfMatRef {
+                data: &b16,
+                rows: k,
+                cols: n,
+                rs,
+                cs,
+            };
+            let bvw = MatRef {
+                data: &bw,
+                rows: k,
+                cols: n,
+                rs,
+                cs,
+            };
+            let mut want = vec![0f32; m * n];
+            gemm_reference(1.0, av, bvw, 0.0, MatMut::row_major(&mut want, m, n));
+            let mut got = vec![f32::NAN; m * n];
+            let cv = driver::ViewMut {
+                ptr: got.as_mut_ptr(),
+                rs: n as isize,
+                cs: 1,
+            };
+            let aview = driver::View {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let bview = driver::BfView {
+                ptr: b16.as_ptr() as *const u16,
+                rs,
+                cs,
+            };
+            unsafe {
+                driver::gemm_blocked::<portable::Portable, _>(
+                    m, n, k, 1.0, aview, bview, 0.0, cv, 1,
+                )
+            };
+            assert_close(
+                &got,
+                &want,
+                k,
+                &format!("portable bf16 strides ({rs},{cs})"),
+            );
+            let mut got2 = vec![f32::NAN; m * n];
+            gemm_bf16b(1.0, av, bv16, 0.0, MatMut::row_major(&mut got2, m, n));
+            assert_close(&got2, &want, k, &format!("bf16 strides ({rs},{cs})"));
         }
     }
 

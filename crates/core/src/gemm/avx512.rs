@@ -7,7 +7,7 @@
 //! Only the tile store depends on C's layout: unit column stride uses masked vector
 //! loads/stores (edge tiles included), anything else goes through a small stack tile.
 
-use super::driver::{Kernel, View};
+use super::driver::{BfView, Kernel, View};
 use std::arch::x86_64::*;
 
 /// The tuned AVX-512 kernel, 14 x 32.
@@ -46,6 +46,16 @@ impl<const MR: usize, const NV: usize> Kernel for Avx512<MR, NV> {
 
     unsafe fn pack_a(dst: *mut f32, a: View, i0: usize, mc: usize, pc: usize, kc: usize) {
         pack_a_avx512::<MR>(dst, a, i0, mc, pc, kc)
+    }
+
+    unsafe fn pack_b_bf16(dst: *mut f32, b: BfView, pc: usize, kc: usize, j0: usize, nc: usize) {
+        // The masked 16-bit loads need AVX-512 BW (present on every AVX-512 CPU but
+        // Knights Landing/Mill); without it the portable widening path is used.
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            pack_b_bf16_avx512::<NV>(dst, b, pc, kc, j0, nc)
+        } else {
+            super::driver::pack_b_bf16_generic(16 * NV, dst, b, pc, kc, j0, nc)
+        }
     }
 }
 
@@ -304,5 +314,84 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     for i in 0..8 {
         r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
         r[i + 8] = _mm512_shuffle_f32x4::<0xDD>(t[i], t[i + 8]);
+    }
+}
+
+/// Widen 16 bf16 values (as a 256-bit integer vector) to f32.
+#[inline(always)]
+unsafe fn bf16x16_to_f32(x: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+}
+
+/// Masked load of up to 16 bf16 values (lanes outside `mask` read as 0.0).
+#[inline(always)]
+unsafe fn load_bf16x16(p: *const u16, mask: u16) -> __m512 {
+    let x = if mask == 0xFFFF {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_maskz_loadu_epi16(mask, p as *const i16)
+    };
+    bf16x16_to_f32(x)
+}
+
+/// bf16 B packing: the f32 packing paths with the load widened (row-major: vector
+/// widening copy; column-contiguous `W^T` view: widen then 16 x 16 transpose).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn pack_b_bf16_avx512<const NV: usize>(
+    dst: *mut f32,
+    b: BfView,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+) {
+    let nr = 16 * NV;
+    let panels = nc.div_ceil(nr);
+    for jp in 0..panels {
+        let jb = j0 + jp * nr;
+        let w = nr.min(nc - jp * nr);
+        let d = dst.add(jp * kc * nr);
+        if b.cs == 1 {
+            let mut masks = [0u16; NV];
+            for (v, mask) in masks.iter_mut().enumerate() {
+                let lanes = w.saturating_sub(16 * v).min(16);
+                *mask = if lanes == 16 {
+                    0xFFFF
+                } else {
+                    ((1u32 << lanes) - 1) as u16
+                };
+            }
+            for p in 0..kc {
+                let src = b.at(pc + p, jb);
+                for (v, &mask) in masks.iter().enumerate() {
+                    _mm512_store_ps(d.add(p * nr + 16 * v), load_bf16x16(src.add(16 * v), mask));
+                }
+            }
+        } else if b.rs == 1 {
+            for v in 0..NV {
+                let jv = jb + 16 * v;
+                let cols = w.saturating_sub(16 * v).min(16);
+                let mut p = 0;
+                while p < kc {
+                    let depth = 16.min(kc - p);
+                    let lmask = if depth == 16 {
+                        0xFFFF
+                    } else {
+                        ((1u32 << depth) - 1) as u16
+                    };
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (jj, x) in r.iter_mut().enumerate().take(cols) {
+                        *x = load_bf16x16(b.at(pc + p, jv + jj), lmask);
+                    }
+                    transpose16(&mut r);
+                    for (pp, x) in r.iter().enumerate().take(depth) {
+                        _mm512_store_ps(d.add((p + pp) * nr + 16 * v), *x);
+                    }
+                    p += 16;
+                }
+            }
+        } else {
+            super::driver::pack_b_bf16_generic(nr, d, b, pc, kc, jb, w);
+        }
     }
 }

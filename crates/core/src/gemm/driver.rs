@@ -47,6 +47,52 @@ impl View {
     }
 }
 
+/// A B operand stored as bf16 (`half::bf16` bits): element (i, j) is at
+/// `ptr + i * rs + j * cs`; widened to f32 while packing, so the kernel is unchanged.
+#[derive(Clone, Copy)]
+pub(crate) struct BfView {
+    pub ptr: *const u16,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: read-only, as for `View`.
+unsafe impl Send for BfView {}
+unsafe impl Sync for BfView {}
+
+impl BfView {
+    #[inline(always)]
+    pub unsafe fn at(&self, i: usize, j: usize) -> *const u16 {
+        self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+/// bf16 bits to f32: bf16 is the upper half of an f32.
+#[inline(always)]
+pub(crate) fn bf16_bits_to_f32(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// Anything the driver can pack as the B operand.
+pub(crate) trait BSource<K: Kernel>: Copy + Send + Sync {
+    /// Same contract as [`Kernel::pack_b`].
+    unsafe fn pack(&self, dst: *mut f32, pc: usize, kc: usize, j0: usize, nc: usize);
+}
+
+impl<K: Kernel> BSource<K> for View {
+    #[inline]
+    unsafe fn pack(&self, dst: *mut f32, pc: usize, kc: usize, j0: usize, nc: usize) {
+        K::pack_b(dst, *self, pc, kc, j0, nc)
+    }
+}
+
+impl<K: Kernel> BSource<K> for BfView {
+    #[inline]
+    unsafe fn pack(&self, dst: *mut f32, pc: usize, kc: usize, j0: usize, nc: usize) {
+        K::pack_b_bf16(dst, *self, pc, kc, j0, nc)
+    }
+}
+
 /// A microkernel: computes an `MR x NR` tile of `A_panel * B_panel` over `kc` steps and
 /// writes `alpha * acc + beta * C` into the first `mr x nr` entries of the C tile.
 pub(crate) trait Kernel {
@@ -84,6 +130,14 @@ pub(crate) trait Kernel {
     /// `dst` has room for `kc * round_up(nc, NR)` floats; the B range is in bounds.
     unsafe fn pack_b(dst: *mut f32, b: View, pc: usize, kc: usize, j0: usize, nc: usize) {
         pack_b_generic(Self::NR, dst, b, pc, kc, j0, nc)
+    }
+
+    /// [`Kernel::pack_b`] for a bf16 B, widening to f32.
+    ///
+    /// # Safety
+    /// As for `pack_b`.
+    unsafe fn pack_b_bf16(dst: *mut f32, b: BfView, pc: usize, kc: usize, j0: usize, nc: usize) {
+        pack_b_bf16_generic(Self::NR, dst, b, pc, kc, j0, nc)
     }
 
     /// Pack A rows `i0..i0+mc`, columns `pc..pc+kc` as `ceil(mc/MR)` panels of
@@ -132,6 +186,47 @@ pub(crate) unsafe fn pack_b_generic(
                     for p in 0..kc {
                         *d.add(p * nr_t + jj) = 0.0;
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Portable bf16 B packing (same layout as [`pack_b_generic`]).
+pub(crate) unsafe fn pack_b_bf16_generic(
+    nr_t: usize,
+    dst: *mut f32,
+    b: BfView,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+) {
+    let panels = nc.div_ceil(nr_t);
+    for jp in 0..panels {
+        let jb = j0 + jp * nr_t;
+        let w = nr_t.min(nc - jp * nr_t);
+        let d = dst.add(jp * kc * nr_t);
+        if b.cs == 1 {
+            for p in 0..kc {
+                let src = b.at(pc + p, jb);
+                let drow = d.add(p * nr_t);
+                for jj in 0..nr_t {
+                    *drow.add(jj) = if jj < w {
+                        bf16_bits_to_f32(*src.add(jj))
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        } else {
+            for jj in 0..nr_t {
+                for p in 0..kc {
+                    *d.add(p * nr_t + jj) = if jj < w {
+                        bf16_bits_to_f32(*b.at(pc + p, jb + jj))
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
@@ -239,13 +334,13 @@ struct Task {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_task<K: Kernel>(
+unsafe fn run_task<K: Kernel, B: BSource<K>>(
     t: Task,
     k: usize,
     blk: Blocking,
     alpha: f32,
     a: View,
-    b: View,
+    b: B,
     beta: f32,
     c: ViewMut,
 ) {
@@ -273,7 +368,7 @@ unsafe fn run_task<K: Kernel>(
                 let mut jc = t.j0;
                 while jc < t.j1 {
                     let nc = blk.nc.min(t.j1 - jc);
-                    K::pack_b(bbuf, b, pc, kc, jc, nc);
+                    b.pack(bbuf, pc, kc, jc, nc);
                     macro_tile::<K>(kc, mc, nc, abuf, bbuf, alpha, beta_eff, c, ic, jc);
                     jc += nc;
                 }
@@ -320,13 +415,13 @@ unsafe fn macro_tile<K: Kernel>(
 /// The views must address `m x k`, `k x n` and `m x n` in-bounds elements, C must not
 /// alias A or B, and no two elements of C may share an address.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_blocked<K: Kernel>(
+pub(crate) unsafe fn gemm_blocked<K: Kernel, B: BSource<K>>(
     m: usize,
     n: usize,
     k: usize,
     alpha: f32,
     a: View,
-    b: View,
+    b: B,
     beta: f32,
     c: ViewMut,
     threads: usize,
@@ -335,7 +430,7 @@ pub(crate) unsafe fn gemm_blocked<K: Kernel>(
     let n_panels = n.div_ceil(K::NR);
     let m_panels = m.div_ceil(K::MR);
     if threads <= 1 || (n_panels < 2 && m_panels < 2) {
-        run_task::<K>(
+        run_task::<K, B>(
             Task {
                 i0: 0,
                 i1: m,
@@ -355,7 +450,7 @@ pub(crate) unsafe fn gemm_blocked<K: Kernel>(
     let tasks = split_tasks::<K>(m, n, threads);
     tasks
         .par_iter()
-        .for_each(|&t| run_task::<K>(t, k, blk, alpha, a, b, beta, c));
+        .for_each(|&t| run_task::<K, B>(t, k, blk, alpha, a, b, beta, c));
 }
 
 /// Cut C into tasks. Splitting N makes every task pack all of A (its rows), splitting M
