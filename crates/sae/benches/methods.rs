@@ -66,6 +66,28 @@ fn time_ms(mut f: impl FnMut(), reps: usize) -> (f64, f64) {
     (t[0], t[t.len() / 2])
 }
 
+/// CPU time (user + system, all threads) of this process in ms, from /proc/self/stat
+/// (clock ticks of 10 ms; used over many repetitions). Less sensitive than wall time to
+/// other processes competing for the cores.
+fn cpu_ms() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is index 0, utime is field 14 overall -> index 11.
+    let ut: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    (ut + st) * 10.0
+}
+
+/// CPU ms per call over `reps` calls.
+fn cpu_per_call(mut f: impl FnMut(), reps: usize) -> f64 {
+    let c0 = cpu_ms();
+    for _ in 0..reps {
+        f();
+    }
+    (cpu_ms() - c0) / reps as f64
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -76,7 +98,14 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Optional section filter: `m1`, `dense`, `m2` (default: all).
+    let sections: Vec<&str> = ["m1", "dense", "m2"]
+        .into_iter()
+        .filter(|s| args.iter().any(|a| a == s))
+        .collect();
+    let run = |name: &str| sections.is_empty() || sections.contains(&name);
     let reps = if quick { 3 } else { 9 };
     println!(
         "threads: {}, load average at start: {}",
@@ -86,6 +115,9 @@ fn main() {
     let (f, k, b) = (16384usize, 40usize, 2048usize);
     let mut rng = Rng::new(42);
     for zipf in [0.0, 1.0] {
+        if !run("m1") {
+            break;
+        }
         let codes = synth_codes(&mut rng, b, f, k, zipf);
         let mut g = vec![0f32; codes.nnz()];
         let st = sparse_penalty(&codes, 0.5, 0.2, false, None, Some(&mut g));
@@ -102,9 +134,16 @@ fn main() {
             },
             reps,
         );
+        let cpu = cpu_per_call(
+            || {
+                sparse_penalty(&codes, 0.5, 0.2, false, None, Some(&mut g));
+            },
+            if quick { 10 } else { 40 },
+        );
         println!(
-            "method1 sparse F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step \
-             (of which sorting/transposing the codes min {cmin:.1} ms; ordered co-firing pairs {}, ordered pair events {})",
+            "method1 sparse F={f} k={k} B={b} zipf={zipf}: wall min {mn:.1} ms, median {md:.1} ms per step, \
+             CPU {cpu:.1} ms per step summed over threads \
+             (sorting/transposing the codes: wall min {cmin:.1} ms; ordered co-firing pairs {}, ordered pair events {})",
             st.stats.pairs,
             b * k * (k - 1)
         );
@@ -149,13 +188,16 @@ fn main() {
     // Dense research formula vs sparse at small F (the dense one is O(B F^2) time and
     // 3 F^2 f64 memory; at F = 16384 that is 6.4 GB).
     for (f, k, b) in [(256usize, 16usize, 256usize), (1024, 32, 512)] {
+        if !run("dense") {
+            break;
+        }
         let codes = synth_codes(&mut rng, b, f, k, 0.0);
         let dense = codes.to_dense();
         let (dms, _) = time_ms(
             || {
                 dense_reference(&dense, b, f, 0.5, 0.2, false, None);
             },
-            3,
+            1,
         );
         let mut g = vec![0f32; codes.nnz()];
         let (sms, _) = time_ms(
@@ -170,6 +212,10 @@ fn main() {
         );
     }
 
+    if !run("m2") {
+        println!("load average at end: {}", loadavg());
+        return;
+    }
     // Method 2 at F = 16384, d_in = 2304 (gemma-2-2b's width), k = 40, B = 2048.
     let (f, k, b, d_in) = (16384usize, 40usize, 2048usize, 2304usize);
     let mut w = vec![0f32; f * d_in];
