@@ -145,8 +145,9 @@ pub struct TrainConfig {
     pub hist_every: usize,
     /// Checkpoint (and usable SAE) every this many steps (0 = only at the end). Default 1000.
     pub checkpoint_every: usize,
-    /// Rows of the pre-activation block computed per encoder GEMM call (performance only).
-    /// Default 512.
+    /// Rows of the pre-activation block computed per encoder GEMM call (performance only:
+    /// each call packs the whole encoder, so fewer, larger blocks are faster; the block
+    /// buffer is `rows x d_sae` f32). Default 2048.
     pub encoder_block_rows: usize,
     /// Written into the saved SAE's cfg.json `metadata`.
     pub metadata: SaeMetadata,
@@ -192,7 +193,7 @@ impl Default for TrainConfig {
             log_every: 100,
             hist_every: 1000,
             checkpoint_every: 1000,
-            encoder_block_rows: 512,
+            encoder_block_rows: 2048,
             metadata: SaeMetadata::default(),
         }
     }

@@ -77,38 +77,72 @@ fn shrink(buf: &mut Vec<(f32, u32)>, k: usize) -> f32 {
 /// The (at most) `k` largest entries of `row` that are strictly greater than `floor`,
 /// left in `buf` sorted by index. Ties are broken towards the lower index.
 pub fn topk_select(row: &[f32], k: usize, floor: f32, buf: &mut Vec<(f32, u32)>) {
+    topk_select_impl(row, None, k, floor, buf)
+}
+
+/// [`topk_select`] of `row + bias` without materialising the sum (the encoder bias is
+/// added on the fly, saving a pass over the `[B, F]` pre-activation block).
+pub fn topk_select_bias(
+    row: &[f32],
+    bias: &[f32],
+    k: usize,
+    floor: f32,
+    buf: &mut Vec<(f32, u32)>,
+) {
+    topk_select_impl(row, Some(bias), k, floor, buf)
+}
+
+#[inline(always)]
+fn topk_select_impl(
+    row: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    floor: f32,
+    buf: &mut Vec<(f32, u32)>,
+) {
     buf.clear();
     if k == 0 {
         return;
     }
     let cap = (2 * k).max(32);
+    // Running threshold: once k entries are held, a new entry must beat the k-th largest
+    // (an equal value loses the tie to the lower index already held).
     let mut thr = floor;
-    // Entries equal to the running threshold can still matter while fewer than k are
-    // held; the threshold only rises above `floor` once k are held, and then an equal
-    // value would lose the tie to the lower index already held.
-    let chunks = row.chunks_exact(16);
-    let rem = chunks.remainder();
-    for (ci, ch) in chunks.enumerate() {
+    let n = row.len();
+    let full = n - n % 16;
+    let mut tmp = [0f32; 16];
+    let mut c0 = 0;
+    while c0 < full {
+        let ch = &row[c0..c0 + 16];
+        match bias {
+            Some(b) => {
+                let bc = &b[c0..c0 + 16];
+                for i in 0..16 {
+                    tmp[i] = ch[i] + bc[i];
+                }
+            }
+            None => tmp.copy_from_slice(ch),
+        }
         let mut m = f32::NEG_INFINITY;
-        for &v in ch {
+        for &v in &tmp {
             m = if v > m { v } else { m };
         }
         if m > thr {
-            let base = (ci * 16) as u32;
-            for (j, &v) in ch.iter().enumerate() {
+            for (j, &v) in tmp.iter().enumerate() {
                 if v > thr {
-                    buf.push((v, base + j as u32));
+                    buf.push((v, (c0 + j) as u32));
                 }
             }
             if buf.len() >= cap {
                 thr = shrink(buf, k);
             }
         }
+        c0 += 16;
     }
-    let base = (row.len() - rem.len()) as u32;
-    for (j, &v) in rem.iter().enumerate() {
+    for j in full..n {
+        let v = row[j] + bias.map_or(0.0, |b| b[j]);
         if v > thr {
-            buf.push((v, base + j as u32));
+            buf.push((v, j as u32));
         }
     }
     if buf.len() > k {
@@ -118,12 +152,21 @@ pub fn topk_select(row: &[f32], k: usize, floor: f32, buf: &mut Vec<(f32, u32)>)
 }
 
 /// Top-k over a subset of the row's entries (`cols`), no floor; sorted by index.
-pub fn topk_subset(row: &[f32], cols: &[u32], k: usize, buf: &mut Vec<(f32, u32)>) {
+pub fn topk_subset(
+    row: &[f32],
+    bias: Option<&[f32]>,
+    cols: &[u32],
+    k: usize,
+    buf: &mut Vec<(f32, u32)>,
+) {
     buf.clear();
     if k == 0 {
         return;
     }
-    buf.extend(cols.iter().map(|&c| (row[c as usize], c)));
+    buf.extend(
+        cols.iter()
+            .map(|&c| (row[c as usize] + bias.map_or(0.0, |b| b[c as usize]), c)),
+    );
     if buf.len() > k {
         shrink(buf, k);
     }
@@ -341,6 +384,23 @@ pub fn weighted_row_sum(w: &[f32], coef: &[f32], d: usize) -> Vec<f32> {
     out
 }
 
+/// Sum of squares of the rows of `g` [rows, d] flagged in `rows_touched` (the other rows
+/// are known to be zero), in f64, reproducible.
+pub fn sum_sq_rows(g: &[f32], d: usize, rows_touched: &[bool]) -> f64 {
+    let parts: Vec<f64> = g
+        .par_chunks(d * 64)
+        .zip(rows_touched.par_chunks(64))
+        .map(|(g, t)| {
+            g.chunks(d)
+                .zip(t)
+                .filter(|(_, &t)| t)
+                .map(|(r, _)| dot(r, r) as f64)
+                .sum::<f64>()
+        })
+        .collect();
+    parts.iter().sum()
+}
+
 /// Sum of squares in f64, reproducible.
 pub fn sum_sq(x: &[f32]) -> f64 {
     let parts: Vec<f64> = x
@@ -381,22 +441,25 @@ pub struct AdamHyper {
     pub eps: f32,
     /// 1-based step count of this parameter's moments.
     pub t: u64,
+    /// Gradient scale (gradient-norm clipping), 1 = none.
+    pub gscale: f32,
 }
 
-/// Fused Adam on flat buffers; zeroes `g` for the next step.
+/// Fused Adam on flat buffers; the gradient is multiplied by `h.gscale` (clipping) on
+/// the fly, and `g` is zeroed for the next step.
 pub fn adam_step(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamHyper) {
     let bc1 = 1.0 - (h.beta1 as f64).powi(h.t as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(h.t as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
-    let (b1, b2, eps) = (h.beta1, h.beta2, h.eps);
+    let (b1, b2, eps, gs) = (h.beta1, h.beta2, h.eps, h.gscale);
     p.par_chunks_mut(FLAT_CHUNK)
         .zip(g.par_chunks_mut(FLAT_CHUNK))
         .zip(m.par_chunks_mut(FLAT_CHUNK))
         .zip(v.par_chunks_mut(FLAT_CHUNK))
         .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
-                let gi = g[i];
+                let gi = g[i] * gs;
                 let mi = b1 * m[i] + (1.0 - b1) * gi;
                 let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
                 m[i] = mi;
@@ -407,21 +470,29 @@ pub fn adam_step(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: 
         });
 }
 
-/// Remove from each touched decoder-row gradient its component along the row.
-pub fn remove_parallel(w: &[f32], g: &mut [f32], d: usize, touched: &[bool]) {
-    g.par_chunks_mut(d)
-        .zip(w.par_chunks(d))
-        .zip(touched.par_iter())
-        .with_min_len(64)
-        .for_each(|((g, w), &t)| {
-            if t {
-                let ww = dot(w, w);
-                if ww > 0.0 {
-                    let a = dot(g, w) / ww;
-                    axpy(-a, w, g);
+/// Remove from each touched decoder-row gradient its component along the row; returns
+/// the squared norm of the resulting gradient (f64, reproducible) while the rows are hot.
+pub fn remove_parallel(w: &[f32], g: &mut [f32], d: usize, touched: &[bool]) -> f64 {
+    let parts: Vec<f64> = g
+        .par_chunks_mut(d * 64)
+        .zip(w.par_chunks(d * 64))
+        .zip(touched.par_chunks(64))
+        .map(|((g, w), t)| {
+            let mut s = 0f64;
+            for ((g, w), &t) in g.chunks_mut(d).zip(w.chunks(d)).zip(t) {
+                if t {
+                    let ww = dot(w, w);
+                    if ww > 0.0 {
+                        let a = dot(g, w) / ww;
+                        axpy(-a, w, g);
+                    }
+                    s += dot(g, g) as f64;
                 }
             }
-        });
+            s
+        })
+        .collect();
+    parts.iter().sum()
 }
 
 /// Rescale every row to unit norm (rows of norm 0 are left alone).
@@ -547,6 +618,12 @@ mod tests {
                 if trial % 5 == 0 && n > 4 {
                     row[1] = row[3]; // ties
                 }
+                let bias: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+                let mut with_bias = Vec::new();
+                topk_select_bias(&row, &bias, k, 0.0, &mut with_bias);
+                let summed: Vec<f32> = row.iter().zip(&bias).map(|(a, b)| a + b).collect();
+                topk_select(&summed, k, 0.0, &mut buf);
+                assert_eq!(with_bias, buf, "bias variant, n={n} k={k}");
                 topk_select(&row, k, 0.0, &mut buf);
                 let mut all: Vec<(f32, u32)> = row
                     .iter()
@@ -668,6 +745,7 @@ mod tests {
                 beta2: 0.999,
                 eps: 1e-8,
                 t,
+                gscale: 1.0,
             };
             adam_step(&mut p, &mut g1, &mut m, &mut v, h);
             assert!(g1.iter().all(|&x| x == 0.0));
@@ -695,7 +773,17 @@ mod tests {
         }
         let mut g = randn(&mut r, 4 * d);
         let g0 = g.clone();
-        remove_parallel(&w, &mut g, d, &[true, false, true, true]);
+        let ss = remove_parallel(&w, &mut g, d, &[true, false, true, true]);
+        let want: f64 = [0, 2, 3]
+            .iter()
+            .map(|&r| {
+                g[r * d..(r + 1) * d]
+                    .iter()
+                    .map(|&v| (v as f64).powi(2))
+                    .sum::<f64>()
+            })
+            .sum();
+        assert!((ss - want).abs() < 1e-5 * want);
         assert!(dot(&g[0..d], &w[0..d]).abs() < 1e-5);
         assert_eq!(&g[d..2 * d], &g0[d..2 * d]);
         let exact: f64 = g0.iter().map(|&v| (v as f64).powi(2)).sum();

@@ -31,6 +31,7 @@
 //! - [`model`]: the inference form of an SAE (SAELens layout) with encode/decode.
 //! - [`io`]: SAELens / sparsify files.
 //! - [`regularizer`]: the hook through which the research methods join a step.
+//! - [`methods`]: the research methods (engineer H5's module) built on that hook.
 //! - [`kernels`]: the sparse kernels (blocked encoder + top-k, sparse decoder and backward,
 //!   fused Adam), each tested against a dense reference.
 //! - [`trainer`]: one SAE under training: every architecture's step.
@@ -47,6 +48,7 @@ pub mod codes;
 pub mod config;
 pub mod io;
 pub mod kernels;
+pub mod methods;
 pub mod model;
 pub mod regularizer;
 pub mod synth;

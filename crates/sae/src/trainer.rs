@@ -111,6 +111,8 @@ pub struct TrainSae {
     pub scale: f32,
     /// False until b_dec was initialised from the first batch.
     pub initialized: bool,
+    /// When `Some`, seconds spent per step phase are accumulated here (benchmarks).
+    pub profile: Option<Vec<(&'static str, f64)>>,
     pre_buf: Vec<f32>,
 }
 
@@ -146,6 +148,46 @@ impl Entries {
         }
         self.off.push(self.idx.len());
     }
+}
+
+/// Wall time per phase of the step, accumulated when [`TrainSae::profile`] is on.
+struct Prof {
+    on: bool,
+    t: std::time::Instant,
+    acc: Vec<(&'static str, f64)>,
+}
+
+impl Prof {
+    fn new(on: bool) -> Self {
+        Prof {
+            on,
+            t: std::time::Instant::now(),
+            acc: Vec::new(),
+        }
+    }
+    fn lap(&mut self, name: &'static str) {
+        if self.on {
+            let now = std::time::Instant::now();
+            self.acc.push((name, (now - self.t).as_secs_f64()));
+            self.t = now;
+        }
+    }
+}
+
+/// What the forward/backward pass hands to the optimizer part of the step.
+struct Fwd {
+    prof: Prof,
+    loss: f64,
+    mse: f64,
+    auxk: f64,
+    sparsity_loss: f64,
+    reg_loss: f64,
+    fvu: f64,
+    touched: Vec<bool>,
+    enc_touched: Vec<bool>,
+    extra: Vec<(String, f64)>,
+    x_hat: Vec<f32>,
+    enc: Encoded,
 }
 
 /// The encoder's output for a batch.
@@ -225,6 +267,7 @@ impl TrainSae {
             last_min_act: 0.0,
             scale: 1.0,
             initialized: false,
+            profile: None,
             pre_buf: Vec::new(),
             cfg,
         })
@@ -335,6 +378,12 @@ impl TrainSae {
         } else {
             cfg.encoder_block_rows
         };
+        if gate.is_some() && !matches!(arch, Architecture::Standard | Architecture::StandardApril) {
+            bail!("a gate (adaptive thresholds) replaces the ReLU rule: it needs architecture standard or standard_april, not {arch:?}");
+        }
+        // The TopK family adds the bias inside the selection (one pass less over the block);
+        // every other rule needs the biased block itself.
+        let fused_bias = arch.is_topk_family();
         let mut gate = gate;
         let mut sels: Vec<RowSel> = Vec::with_capacity(rows);
         let mut gate_err: Option<anyhow::Error> = None;
@@ -348,11 +397,13 @@ impl TrainSae {
             block_rows,
             &mut self.pre_buf,
             |_r0, blk| {
-                blk.par_chunks_mut(f).with_min_len(4).for_each(|p| {
-                    for (a, b) in p.iter_mut().zip(b_enc.iter()) {
-                        *a += b;
-                    }
-                });
+                if !fused_bias {
+                    blk.par_chunks_mut(f).with_min_len(4).for_each(|p| {
+                        for (a, b) in p.iter_mut().zip(b_enc.iter()) {
+                            *a += b;
+                        }
+                    });
+                }
                 let thr: Option<Vec<f32>> = match gate.as_mut() {
                     Some(g) => {
                         let t = g.thresholds(blk, blk.len() / f, f).to_vec();
@@ -380,10 +431,10 @@ impl TrainSae {
                             Architecture::Topk
                             | Architecture::Batchtopk
                             | Architecture::MatryoshkaBatchtopk => {
-                                kernels::topk_select(p, cand, 0.0, buf);
+                                kernels::topk_select_bias(p, b_enc, cand, 0.0, buf);
                                 s.main.extend(buf.iter().map(|&(v, l)| (l, v, v)));
                                 if k_aux > 0 {
-                                    kernels::topk_subset(p, &dead, k_aux, buf);
+                                    kernels::topk_subset(p, Some(b_enc), &dead, k_aux, buf);
                                     s.aux.extend(buf.iter().map(|&(v, l)| (l, v)));
                                 }
                             }
@@ -558,8 +609,20 @@ impl TrainSae {
         }
     }
 
-    /// One optimizer step on a normalised batch `x` [rows, d_in].
-    pub fn train_step(&mut self, x: &[f32], hooks: &mut TrainHooks) -> Result<StepMetrics> {
+    /// Loss and gradients (accumulated into each tensor's `g`) of a normalised batch,
+    /// without touching the parameters: exactly what the step optimises.
+    pub fn gradients(&mut self, x: &[f32], hooks: &mut TrainHooks) -> Result<f64> {
+        Ok(self.forward_backward(x, hooks)?.loss)
+    }
+
+    /// Zero every gradient buffer.
+    pub fn zero_grads(&mut self) {
+        for t in self.tensors.iter_mut() {
+            t.g.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+
+    fn forward_backward(&mut self, x: &[f32], hooks: &mut TrainHooks) -> Result<Fwd> {
         let (f, d) = (self.d_sae, self.d_in);
         let rows = x.len() / d;
         if rows == 0 || rows * d != x.len() {
@@ -580,7 +643,9 @@ impl TrainSae {
             x_c.par_chunks_mut(d)
                 .for_each(|r| r.iter_mut().zip(b).for_each(|(a, b)| *a -= b));
         }
+        let mut prof = Prof::new(self.profile.is_some());
         let enc = self.encode(&x_c, rows, hooks.gate.as_mut())?;
+        prof.lap("encode (GEMM + selection)");
         let codes = &enc.codes;
         let inv_b = 1.0 / rows as f32;
 
@@ -658,6 +723,7 @@ impl TrainSae {
             f64::NAN
         };
 
+        prof.lap("decode + loss");
         // ---- d loss / d code values ----
         let nnz = codes.nnz();
         let mut grad_val = vec![0f32; nnz];
@@ -830,6 +896,7 @@ impl TrainSae {
             }
         }
 
+        prof.lap("code gradients + penalties + regularizers");
         // ---- AuxK ----
         let mut auxk = 0f64;
         let aux = &enc.aux;
@@ -897,6 +964,7 @@ impl TrainSae {
             );
         }
 
+        prof.lap("AuxK / gated aux");
         // ---- decoder gradients ----
         let csc_main = Csc::build(f, &entry_rows, &codes.idx);
         {
@@ -928,6 +996,7 @@ impl TrainSae {
             }
         }
 
+        prof.lap("decoder weight gradients");
         // ---- encoder gradients: coefficient d loss / d (x_c . W_enc[l]) per entry ----
         let (enc_rows, enc_lat, enc_coef, bias_coef): (
             Vec<u32>,
@@ -1009,6 +1078,7 @@ impl TrainSae {
                 .zip(&theta_grad)
                 .for_each(|(a, b)| *a += b);
         }
+        prof.lap("encoder weight gradients");
         // b_dec: decoder path sum_r dy_r (all prefixes), encoder path -W_enc^T csum.
         {
             let mut gb = vec![0f64; d];
@@ -1031,34 +1101,84 @@ impl TrainSae {
                 .for_each(|(a, &b)| *a += b as f32);
         }
 
+        // Decoder rows with a gradient (the parallel-component removal touches only these).
+        let mut touched = vec![false; f];
+        for (l, t) in touched.iter_mut().enumerate() {
+            *t = csc_main.touched(l);
+        }
+        for &l in aux.idx.iter().chain(&reg_dec.latents) {
+            touched[l as usize] = true;
+        }
+        for &(l, _) in &dec_norm_grad {
+            touched[l as usize] = true;
+        }
+        prof.lap("b_dec gradient");
+        let enc_touched: Vec<bool> = (0..f).map(|l| csc_enc.touched(l)).collect();
+        Ok(Fwd {
+            prof,
+            enc_touched,
+            loss,
+            mse: mse_final,
+            auxk,
+            sparsity_loss: sparsity_loss + gated_aux,
+            reg_loss,
+            fvu,
+            touched,
+            extra,
+            x_hat,
+            enc,
+        })
+    }
+
+    /// One optimizer step on a normalised batch `x` [rows, d_in].
+    pub fn train_step(&mut self, x: &[f32], hooks: &mut TrainHooks) -> Result<StepMetrics> {
+        let (f, d) = (self.d_sae, self.d_in);
+        let rows = x.len() / d;
+        let arch = self.arch();
+        let Fwd {
+            mut prof,
+            loss,
+            mse: mse_final,
+            auxk,
+            sparsity_loss,
+            reg_loss,
+            fvu,
+            touched,
+            enc_touched,
+            extra,
+            x_hat,
+            enc,
+        } = self.forward_backward(x, hooks)?;
+        let codes = &enc.codes;
         // ---- optimizer ----
         let unit = self.unit_norm();
-        if unit {
-            let mut touched = vec![false; f];
-            for (l, t) in touched.iter_mut().enumerate() {
-                *t = csc_main.touched(l);
-            }
-            for &l in aux.idx.iter().chain(&reg_dec.latents) {
-                touched[l as usize] = true;
-            }
-            for &(l, _) in &dec_norm_grad {
-                touched[l as usize] = true;
-            }
+        // Squared gradient norm, computed only over rows that can be non-zero (and for
+        // the decoder while the removal pass has the rows in cache).
+        let mut gn2 = if unit {
             let t = &mut self.tensors[W_DEC];
-            kernels::remove_parallel(&t.p, &mut t.g, d, &touched);
+            kernels::remove_parallel(&t.p, &mut t.g, d, &touched)
+        } else {
+            kernels::sum_sq_rows(&self.tensors[W_DEC].g, d, &touched)
+        };
+        prof.lap("decoder parallel-gradient removal");
+        gn2 += kernels::sum_sq_rows(&self.tensors[W_ENC].g, d, &enc_touched);
+        for (i, t) in self.tensors.iter().enumerate() {
+            if i != W_ENC && i != W_DEC {
+                gn2 += kernels::sum_sq(&t.g);
+            }
         }
-        let gn2: f64 = self.tensors.iter().map(|t| kernels::sum_sq(&t.g)).sum();
         let grad_norm = gn2.sqrt();
         let clip = self.cfg.grad_clip.unwrap_or(0.0);
         if !grad_norm.is_finite() {
             bail!("gradient norm became {grad_norm} at step {}", self.step);
         }
-        if clip > 0.0 && grad_norm > clip {
-            let s = (clip / (grad_norm + 1e-6)) as f32;
-            for t in self.tensors.iter_mut() {
-                kernels::scale_in_place(&mut t.g, s);
-            }
-        }
+        // Clipping is applied inside the Adam pass (no separate pass over the gradients).
+        let gscale = if clip > 0.0 && grad_norm > clip {
+            (clip / (grad_norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        prof.lap("gradient norm + clip");
         let lr = self.lr_at(self.step);
         let h = AdamHyper {
             lr: lr as f32,
@@ -1066,6 +1186,7 @@ impl TrainSae {
             beta2: self.cfg.adam_beta2 as f32,
             eps: self.cfg.adam_eps as f32,
             t: self.step as u64 + 1,
+            gscale,
         };
         for t in self.tensors.iter_mut() {
             let Tensor { p, g, m, v, .. } = t;
@@ -1082,6 +1203,7 @@ impl TrainSae {
                 .for_each(|t| *t = t.max(0.0));
         }
 
+        prof.lap("Adam + renormalise");
         // ---- statistics ----
         let bt = rows as u64;
         let mut fired = vec![false; f];
@@ -1148,6 +1270,7 @@ impl TrainSae {
         self.step += 1;
         self.tokens += bt;
 
+        prof.lap("statistics");
         // ---- after-step hooks and resampling ----
         let mut reinit: Vec<u32> = Vec::new();
         if !hooks.regularizers.is_empty() {
@@ -1188,13 +1311,22 @@ impl TrainSae {
             self.reinit_latents(&reinit, x, &x_hat, use_input);
         }
 
+        prof.lap("after-step hooks");
+        if let Some(acc) = self.profile.as_mut() {
+            for (name, t) in prof.acc {
+                match acc.iter_mut().find(|e| e.0 == name) {
+                    Some(e) => e.1 += t,
+                    None => acc.push((name, t)),
+                }
+            }
+        }
         Ok(StepMetrics {
             step: self.step,
             tokens: self.tokens,
             loss,
             mse: mse_final,
             auxk,
-            sparsity_loss: sparsity_loss + gated_aux,
+            sparsity_loss,
             regularizer_loss: reg_loss,
             fvu,
             l0,

@@ -1,0 +1,99 @@
+//! Tokens per second of one TopK training step (F 16384, k 40, B 2048) at d_in 576 and
+//! 2304 on synthetic structured activations, and the share of the step taken by its
+//! floor, the dense encoder GEMM `[B, d_in] x [d_in, F]`.
+//!
+//! Run: `cargo bench -p saelab-sae --bench train_step` (optional args: d_in values).
+
+use saelab_core::gemm::{gemm, MatMut, MatRef};
+use saelab_sae::config::{Architecture, TrainConfig};
+use saelab_sae::synth::sparse_mixture;
+use saelab_sae::trainer::{TrainHooks, TrainSae, W_ENC};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let dims = if args.is_empty() {
+        vec![576, 2304]
+    } else {
+        args
+    };
+    let (f, k, b) = (16384usize, 40usize, 2048usize);
+    println!("threads: {}", rayon::current_num_threads());
+    for d in dims {
+        let steps = if d >= 2000 { 4 } else { 8 };
+        let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
+        let cfg = TrainConfig {
+            architecture: Architecture::Topk,
+            d_sae: f,
+            k,
+            batch_size: b,
+            total_tokens: (b * 1000) as u64,
+            // Make AuxK active (some latents dead) so its cost is included.
+            dead_tokens: (b * 2) as u64,
+            encoder_block_rows: std::env::var("SAE_BLOCK_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2048),
+            ..Default::default()
+        };
+        let mut sae = TrainSae::new(&cfg, d, 1000).unwrap();
+        let mut hooks = TrainHooks::default();
+        for s in 0..2 {
+            sae.train_step(&x[s * b * d..(s + 1) * b * d], &mut hooks)
+                .unwrap();
+        }
+        sae.profile = Some(Vec::new());
+        let t = Instant::now();
+        let mut last = None;
+        for s in 2..steps + 2 {
+            last = Some(
+                sae.train_step(&x[s * b * d..(s + 1) * b * d], &mut hooks)
+                    .unwrap(),
+            );
+        }
+        let step_s = t.elapsed().as_secs_f64() / steps as f64;
+        let phases = sae.profile.take().unwrap();
+        // The floor: the dense encoder GEMM alone, same shapes and layout.
+        let mut pre = vec![0f32; b * f];
+        let w = &sae.tensors[W_ENC].p;
+        let xs = &x[..b * d];
+        gemm(
+            1.0,
+            MatRef::row_major(xs, b, d),
+            MatRef::row_major(w, f, d).t(),
+            0.0,
+            MatMut::row_major(&mut pre, b, f),
+        );
+        let reps = 3;
+        let t = Instant::now();
+        for _ in 0..reps {
+            gemm(
+                1.0,
+                MatRef::row_major(xs, b, d),
+                MatRef::row_major(w, f, d).t(),
+                0.0,
+                MatMut::row_major(&mut pre, b, f),
+            );
+        }
+        let gemm_s = t.elapsed().as_secs_f64() / reps as f64;
+        let flops = 2.0 * (b * d * f) as f64;
+        let m = last.unwrap();
+        println!(
+            "d_in {d:5} F {f} k {k} B {b}: step {:.1} ms, {:.0} tokens/s; encoder GEMM {:.1} ms ({:.1} GFLOP/s) = {:.0}% of the step; l0 {:.1} dead {:.3} auxk {:.4}",
+            step_s * 1e3,
+            b as f64 / step_s,
+            gemm_s * 1e3,
+            flops / gemm_s / 1e9,
+            100.0 * gemm_s / step_s,
+            m.l0,
+            m.dead_fraction,
+            m.auxk
+        );
+        for (name, secs) in phases {
+            println!("    {name:45} {:8.1} ms/step", secs * 1e3 / steps as f64);
+        }
+    }
+}
