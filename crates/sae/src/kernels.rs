@@ -564,24 +564,43 @@ pub fn geometric_median(x: &[f32], rows: usize, d: usize, max_iter: usize, tol: 
 
 pub fn mean_rows(x: &[f32], rows: usize, d: usize) -> Vec<f64> {
     let mut m = vec![0f64; d];
-    for row in x.chunks_exact(d) {
-        for (a, &b) in m.iter_mut().zip(row) {
-            *a += b as f64;
+    for part in col_sums(x, d, None) {
+        for (a, b) in m.iter_mut().zip(part) {
+            *a += b;
         }
     }
     m.iter_mut().for_each(|v| *v /= rows.max(1) as f64);
     m
 }
 
+/// Per-chunk column sums of `x` (or of `(x - center)^2`), in fixed 256-row chunks so the
+/// f64 result is reproducible whatever the thread count.
+fn col_sums(x: &[f32], d: usize, center: Option<&[f64]>) -> Vec<Vec<f64>> {
+    x.par_chunks(d * 256)
+        .map(|blk| {
+            let mut acc = vec![0f64; d];
+            for row in blk.chunks_exact(d) {
+                match center {
+                    None => acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64),
+                    Some(c) => acc
+                        .iter_mut()
+                        .zip(row)
+                        .zip(c)
+                        .for_each(|((a, &v), &m)| *a += (v as f64 - m).powi(2)),
+                }
+            }
+            acc
+        })
+        .collect()
+}
+
 /// Total variance `sum_j Var_rows(x_j)` in f64 (the FVU denominator).
 pub fn total_variance(x: &[f32], rows: usize, d: usize) -> f64 {
     let m = mean_rows(x, rows, d);
-    let mut s = 0f64;
-    for row in x.chunks_exact(d) {
-        for (&a, &b) in row.iter().zip(&m) {
-            s += (a as f64 - b).powi(2);
-        }
-    }
+    let s: f64 = col_sums(x, d, Some(&m))
+        .iter()
+        .map(|p| p.iter().sum::<f64>())
+        .sum();
     s / rows.max(1) as f64
 }
 
@@ -788,6 +807,22 @@ mod tests {
         assert_eq!(&g[d..2 * d], &g0[d..2 * d]);
         let exact: f64 = g0.iter().map(|&v| (v as f64).powi(2)).sum();
         assert!((sum_sq(&g0) - exact).abs() < 1e-6 * exact);
+    }
+
+    #[test]
+    fn variance_matches_two_pass_reference() {
+        let mut r = Rng::new(12);
+        let (rows, d) = (700, 5);
+        let x = randn(&mut r, rows * d);
+        let mut want = 0f64;
+        for j in 0..d {
+            let m: f64 = (0..rows).map(|i| x[i * d + j] as f64).sum::<f64>() / rows as f64;
+            want += (0..rows)
+                .map(|i| (x[i * d + j] as f64 - m).powi(2))
+                .sum::<f64>()
+                / rows as f64;
+        }
+        assert!((total_variance(&x, rows, d) - want).abs() < 1e-9 * want);
     }
 
     #[test]

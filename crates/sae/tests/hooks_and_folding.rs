@@ -1,0 +1,338 @@
+//! Research hooks (regularizer, gate, re-initialisation, checkpointed hook state) and the
+//! folding of normalisation scale and decoder norms into the saved weights.
+
+use anyhow::Result;
+use saelab_core::rng::Rng;
+use saelab_core::source::MatrixSource;
+use saelab_sae::codes::SparseCodes;
+use saelab_sae::config::{Architecture, TrainConfig};
+use saelab_sae::regularizer::{DecoderRowGrads, Gate, PenaltyOut, Regularizer, StepContext};
+use saelab_sae::synth::sparse_mixture;
+use saelab_sae::train::{train, TrainOptions};
+use saelab_sae::trainer::{TrainHooks, TrainSae, W_DEC};
+
+/// L1-like penalty `w * sum(codes) / B` that also pulls decoder row 0 towards zero,
+/// asks for latent 5 to be re-initialised every 4 steps, and counts its calls (state).
+struct TestReg {
+    calls: u64,
+}
+
+impl Regularizer for TestReg {
+    fn name(&self) -> &str {
+        "testreg"
+    }
+    fn penalty(
+        &mut self,
+        ctx: &StepContext,
+        codes: &SparseCodes,
+        grad_val: &mut [f32],
+        grad_dec: &mut DecoderRowGrads,
+    ) -> Result<PenaltyOut> {
+        self.calls += 1;
+        let w = 1e-3f32;
+        let b = codes.rows as f32;
+        grad_val.iter_mut().for_each(|g| *g += w / b);
+        let row0: Vec<f32> = ctx.w_dec[..ctx.d_in].iter().map(|v| v * w).collect();
+        grad_dec.push(0, &row0);
+        assert_eq!(ctx.pre_active.unwrap().len(), codes.nnz());
+        Ok(PenaltyOut {
+            loss: (w * codes.val.iter().sum::<f32>() / b) as f64,
+            metrics: vec![("calls".into(), self.calls as f64)],
+        })
+    }
+    fn after_step(&mut self, ctx: &StepContext, _codes: &SparseCodes) -> Result<Vec<u32>> {
+        Ok(if (ctx.step + 1) % 4 == 0 {
+            vec![5]
+        } else {
+            vec![]
+        })
+    }
+    fn save_state(&self) -> Result<Vec<u8>> {
+        Ok(self.calls.to_le_bytes().to_vec())
+    }
+    fn load_state(&mut self, b: &[u8]) -> Result<()> {
+        self.calls = u64::from_le_bytes(b.try_into()?);
+        Ok(())
+    }
+}
+
+struct FixedGate {
+    t: Vec<f32>,
+}
+
+impl Gate for FixedGate {
+    fn name(&self) -> &str {
+        "fixed"
+    }
+    fn thresholds(&mut self, pre: &[f32], rows: usize, d_sae: usize) -> &[f32] {
+        assert_eq!(pre.len(), rows * d_sae);
+        &self.t
+    }
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("saelab-sae-hooks-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+#[test]
+fn regularizer_hooks_join_the_step_and_resume_exactly() {
+    let d = 12;
+    let data = sparse_mixture(32 * 16, d, 24, 3, 0.01, 9);
+    let cfg = TrainConfig {
+        architecture: Architecture::Topk,
+        d_sae: 48,
+        k: 4,
+        batch_size: 32,
+        total_tokens: 32 * 16,
+        warmup_steps: 2,
+        log_every: 1,
+        checkpoint_every: 4,
+        ..Default::default()
+    };
+    let hooks = || {
+        vec![TrainHooks {
+            regularizers: vec![Box::new(TestReg { calls: 0 })],
+            gate: None,
+        }]
+    };
+    let full = tmp("full");
+    let mut src = MatrixSource::new(data.clone(), d, "s");
+    let o = TrainOptions {
+        progress: false,
+        hooks: hooks(),
+        ..Default::default()
+    };
+    let s = train(
+        std::slice::from_ref(&cfg),
+        &mut src,
+        std::slice::from_ref(&full),
+        o,
+    )
+    .unwrap();
+    assert_eq!(
+        s[0].final_metrics.extra,
+        vec![("testreg.calls".to_string(), 16.0)]
+    );
+    let lines = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+    let reinit: Vec<u64> = lines
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("reinitialised")?
+                .as_u64()
+        })
+        .collect();
+    assert_eq!(
+        reinit.iter().sum::<u64>(),
+        4,
+        "latent 5 re-initialised every 4 steps: {reinit:?}"
+    );
+    // Interrupted at step 6 and resumed: identical weights and hook state.
+    let part = tmp("part");
+    let mut src = MatrixSource::new(data.clone(), d, "s");
+    let o = TrainOptions {
+        progress: false,
+        hooks: hooks(),
+        max_steps_this_run: Some(6),
+        ..Default::default()
+    };
+    train(
+        std::slice::from_ref(&cfg),
+        &mut src,
+        std::slice::from_ref(&part),
+        o,
+    )
+    .unwrap();
+    let mut src = MatrixSource::new(data.clone(), d, "s");
+    let o = TrainOptions {
+        progress: false,
+        hooks: hooks(),
+        resume: true,
+        ..Default::default()
+    };
+    let s2 = train(
+        std::slice::from_ref(&cfg),
+        &mut src,
+        std::slice::from_ref(&part),
+        o,
+    )
+    .unwrap();
+    assert_eq!(
+        s2[0].final_metrics.extra, s[0].final_metrics.extra,
+        "hook state restored"
+    );
+    assert_eq!(
+        std::fs::read(full.join("sae_weights.safetensors")).unwrap(),
+        std::fs::read(part.join("sae_weights.safetensors")).unwrap()
+    );
+    // Resuming without the hooks the checkpoint has state for is refused.
+    let mut src = MatrixSource::new(data.clone(), d, "s");
+    let o = TrainOptions {
+        progress: false,
+        resume: true,
+        overwrite: true,
+        ..Default::default()
+    };
+    let cfg_more = TrainConfig {
+        total_tokens: 32 * 16,
+        ..cfg.clone()
+    };
+    let e = train(&[cfg_more], &mut src, std::slice::from_ref(&part), o).unwrap_err();
+    assert!(format!("{e:#}").contains("research hooks"), "{e:#}");
+    std::fs::remove_dir_all(full).unwrap();
+    std::fs::remove_dir_all(part).unwrap();
+}
+
+#[test]
+fn a_gate_replaces_the_relu_rule() {
+    let d = 10;
+    let data = sparse_mixture(40, d, 20, 3, 0.01, 3);
+    let cfg = TrainConfig {
+        architecture: Architecture::Standard,
+        d_sae: 30,
+        batch_size: 40,
+        ..Default::default()
+    };
+    let mut sae = TrainSae::new(&cfg, d, 10).unwrap();
+    let mut plain = TrainHooks::default();
+    let m0 = sae.train_step(&data, &mut plain).unwrap();
+    // A very high threshold silences everything; a threshold of 0 is the ReLU rule.
+    let mut high = TrainHooks {
+        regularizers: vec![],
+        gate: Some(Box::new(FixedGate { t: vec![1e9; 30] })),
+    };
+    let m1 = sae.train_step(&data, &mut high).unwrap();
+    assert_eq!(m1.l0, 0.0);
+    let mut zero = TrainHooks {
+        regularizers: vec![],
+        gate: Some(Box::new(FixedGate { t: vec![0.0; 30] })),
+    };
+    let mut twin = TrainSae::new(&cfg, d, 10).unwrap();
+    twin.train_step(&data, &mut TrainHooks::default()).unwrap();
+    twin.train_step(
+        &data,
+        &mut TrainHooks {
+            regularizers: vec![],
+            gate: Some(Box::new(FixedGate { t: vec![1e9; 30] })),
+        },
+    )
+    .unwrap();
+    let a = sae.train_step(&data, &mut zero).unwrap();
+    let b = twin.train_step(&data, &mut TrainHooks::default()).unwrap();
+    assert_eq!(a.loss, b.loss);
+    assert!(m0.l0 > 0.0);
+    // Wrong-length thresholds and gates on TopK are errors, not panics.
+    let mut bad = TrainHooks {
+        regularizers: vec![],
+        gate: Some(Box::new(FixedGate { t: vec![0.0; 3] })),
+    };
+    assert!(sae
+        .train_step(&data, &mut bad)
+        .unwrap_err()
+        .to_string()
+        .contains("thresholds"));
+    let mut topk = TrainSae::new(
+        &TrainConfig {
+            d_sae: 30,
+            k: 3,
+            ..Default::default()
+        },
+        d,
+        10,
+    )
+    .unwrap();
+    let mut g = TrainHooks {
+        regularizers: vec![],
+        gate: Some(Box::new(FixedGate { t: vec![0.0; 30] })),
+    };
+    assert!(topk.train_step(&data, &mut g).is_err());
+}
+
+fn perturb(sae: &mut TrainSae, seed: u64) {
+    let mut r = Rng::new(seed);
+    for t in sae.tensors.iter_mut() {
+        for v in t.p.iter_mut() {
+            *v += 0.2 * r.normal();
+        }
+    }
+    // Thresholds stay positive.
+    if sae.cfg.architecture == Architecture::Jumprelu {
+        for v in sae.tensors[4].p.iter_mut() {
+            *v = v.abs();
+        }
+    }
+}
+
+#[test]
+fn folding_scale_and_decoder_norms_preserves_outputs() {
+    let d = 8;
+    let mut x = vec![0f32; 20 * d];
+    Rng::new(4).fill_normal(&mut x, 3.0);
+    for arch in [
+        Architecture::Topk,
+        Architecture::Standard,
+        Architecture::StandardApril,
+        Architecture::Jumprelu,
+        Architecture::Gated,
+    ] {
+        let cfg = TrainConfig {
+            architecture: arch,
+            d_sae: 24,
+            k: 5,
+            ..Default::default()
+        };
+        let mut sae = TrainSae::new(&cfg, d, 10).unwrap();
+        perturb(&mut sae, arch as u64);
+        if arch == Architecture::StandardApril {
+            // Decoder norms far from 1, so folding them matters.
+            for (l, row) in sae.tensors[W_DEC].p.chunks_mut(d).enumerate() {
+                row.iter_mut().for_each(|v| *v *= 0.3 + l as f32 * 0.1);
+            }
+        }
+        let unscaled = sae.to_inference();
+        let s = 0.37f32;
+        sae.scale = s;
+        let folded = sae.to_inference();
+        // folded(x) must equal unscaled(s x) / s: the saved SAE takes raw activations.
+        let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+        let (c1, y1) = folded.forward(&x, 20);
+        let (c2, y2) = unscaled.forward(&xs, 20);
+        assert_eq!(c1.idx, c2.idx, "{arch:?}: same active latents");
+        for (a, b) in y1.iter().zip(&y2) {
+            assert!(
+                (a - b / s).abs() < 1e-4 * (1.0 + a.abs()),
+                "{arch:?}: {a} vs {}",
+                b / s
+            );
+        }
+        if arch == Architecture::StandardApril {
+            // Decoder norms folded: unit rows, and the output equals the unfolded model's.
+            for row in unscaled.w_dec.chunks(d) {
+                let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!((n - 1.0).abs() < 1e-5);
+            }
+            let (w, b, wd, bd) = (
+                &sae.tensors[0].p,
+                &sae.tensors[1].p,
+                &sae.tensors[2].p,
+                &sae.tensors[3].p,
+            );
+            for r in 0..20 {
+                for j in 0..d {
+                    let mut y = bd[j] as f64;
+                    for l in 0..24 {
+                        let pre: f64 = b[l] as f64
+                            + (0..d)
+                                .map(|i| xs[r * d + i] as f64 * w[l * d + i] as f64)
+                                .sum::<f64>();
+                        y += pre.max(0.0) * wd[l * d + j] as f64;
+                    }
+                    assert!((y2[r * d + j] as f64 - y).abs() < 1e-3 * (1.0 + y.abs()));
+                }
+            }
+        }
+    }
+}
