@@ -1,5 +1,6 @@
 //! saelab-report: experiment plans, the runner, and reports.
 //!
+//! - [`evalsetup`]: evaluation tasks from the reachable corpora; the shared evaluator.
 //! - [`lm_adapter`]: the real LM behind the evaluations' `HookedLm` trait.
 //! - [`plan`]: the plan file (model, hook, corpus, budget, variants with grids, seeds).
 //! - [`results`]: the run-directory layout and the records read back from it.
@@ -8,6 +9,7 @@
 //! - [`stats`]: means and 95% intervals over seeds, Welch differences to a baseline.
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
+pub mod evalsetup;
 pub mod lm_adapter;
 pub mod plan;
 pub mod plots;

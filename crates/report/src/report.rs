@@ -37,9 +37,9 @@ const HEADLINE: &[&str] = &[
     "core.reconstruction_quality.cossim",
     "core.sparsity.l0",
     "core.misc_metrics.frac_alive",
-    "absorption.mean.mean_absorption_fraction_score",
-    "absorption.mean.mean_full_absorption_score",
-    "absorption.mean.mean_num_split_features",
+    "absorption_first_letter.mean.mean_absorption_fraction_score",
+    "absorption_first_letter.mean.mean_full_absorption_score",
+    "absorption_first_letter.mean.mean_num_split_features",
     "sparse_probing.sae.sae_top_1_test_accuracy",
     "sparse_probing.llm.llm_top_1_test_accuracy",
     "tpp.tpp_metrics.tpp_threshold_20_total_metric",
@@ -298,7 +298,7 @@ fn eval_sections(input: &ReportInput, variants: &[String]) -> Section {
     // Absorption per letter, from eval_result_details.
     let mut per_letter: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for r in input.records {
-        let Some(Value::Array(details)) = r.evals.get("absorption").and_then(|j| j.get("eval_result_details")) else { continue };
+        let Some(Value::Array(details)) = r.evals.get("absorption_first_letter").and_then(|j| j.get("eval_result_details")) else { continue };
         for d in details {
             let Some(letter) = d.get("first_letter").or_else(|| d.get("letter")).and_then(Value::as_str) else { continue };
             for field in ["mean_absorption_fraction", "absorption_rate", "full_absorption_rate", "mean_full_absorption"] {

@@ -5,10 +5,11 @@
 //! RUN/saelab-run.json                       format version, plan name, saelab version
 //! RUN/plan.toml                             the plan as given
 //! RUN/activations/                          the activation store (shared by all variants)
-//! RUN/variants/<variant>/seed-<s>/sae/      SAELens folder + train_config.toml
+//! RUN/variants/<variant>/seed-<s>/          SAELens folder (cfg.json, sae_weights.safetensors,
+//!                                           sparsity.safetensors) + train_config.toml
 //! RUN/variants/<variant>/seed-<s>/metrics.jsonl   training metrics, one JSON object per log step
 //! RUN/variants/<variant>/seed-<s>/summary.json    steps, tokens, wall time, final metrics
-//! RUN/variants/<variant>/seed-<s>/evals/<eval>.json  SAEBench-schema results
+//! RUN/variants/<variant>/seed-<s>/evals/<type>_eval_results.json  SAEBench JSON
 //! RUN/results.csv, RUN/results.json         one row per variant x seed
 //! ```
 
@@ -153,8 +154,14 @@ pub fn load_records(run: &Path) -> Result<Vec<SeedRecord>> {
                 for e in es.flatten() {
                     let p = e.path();
                     if p.extension().is_some_and(|x| x == "json") {
-                        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-                        evals.insert(name, read_json(&p)?);
+                        let json = read_json(&p)?;
+                        // Keyed by the SAEBench eval_type_id the file declares.
+                        let name = json
+                            .get("eval_type_id")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                            .unwrap_or_else(|| p.file_stem().unwrap().to_string_lossy().into_owned());
+                        evals.insert(name, json);
                     }
                 }
             }

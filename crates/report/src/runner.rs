@@ -160,7 +160,12 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
         overall.set_message(format!("evaluating {} seed {seed}", v.name));
         let dir = variant_dir(run, &v.name, *seed);
         let out = dir.join("evals");
-        let missing: Vec<String> = plan.evals.iter().filter(|e| !out.join(format!("{e}.json")).exists()).cloned().collect();
+        let mut missing = Vec::new();
+        for e in &plan.evals {
+            if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
+                missing.push(e.clone());
+            }
+        }
         if !missing.is_empty() {
             evaluator.evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
                 .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
