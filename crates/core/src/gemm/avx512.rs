@@ -37,7 +37,21 @@ impl<const MR: usize, const NV: usize> Kernel for Avx512<MR, NV> {
         alpha: f32,
         beta: f32,
     ) {
-        kernel_impl::<MR, NV>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta)
+        // Short bottom tiles (m not a multiple of MR, e.g. 128 = 9 x 14 + 2 rows of the
+        // attention GEMMs) run a kernel with fewer rows over the same packed panel
+        // instead of paying for a full MR-row tile.
+        match mr {
+            _ if mr >= MR || MR <= 4 => {
+                kernel_impl::<MR, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta)
+            }
+            1..=2 => kernel_impl::<2, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta),
+            3..=4 => kernel_impl::<4, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta),
+            5..=7 if MR > 7 => kernel_impl::<7, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta),
+            8..=10 if MR > 10 => {
+                kernel_impl::<10, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta)
+            }
+            _ => kernel_impl::<MR, NV, MR>(kc, a, b, c, rsc, csc, mr, nr, alpha, beta),
+        }
     }
 
     unsafe fn pack_b(dst: *mut f32, b: View, pc: usize, kc: usize, j0: usize, nc: usize) {
@@ -59,9 +73,11 @@ impl<const MR: usize, const NV: usize> Kernel for Avx512<MR, NV> {
     }
 }
 
+/// `MR` rows are computed (`mr <= MR` stored); `AS` is the packed A panel's height, i.e.
+/// the stride between depth steps, which exceeds `MR` for the short-tile variants.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_impl<const MR: usize, const NV: usize>(
+unsafe fn kernel_impl<const MR: usize, const NV: usize, const AS: usize>(
     kc: usize,
     mut a: *const f32,
     mut b: *const f32,
@@ -88,8 +104,8 @@ unsafe fn kernel_impl<const MR: usize, const NV: usize>(
     // Unrolled by 2 so loop overhead is amortised; packed panels are 64-byte aligned.
     while p + 2 <= kc {
         step::<MR, NV>(&mut acc, a, b);
-        step::<MR, NV>(&mut acc, a.add(MR), b.add(16 * NV));
-        a = a.add(2 * MR);
+        step::<MR, NV>(&mut acc, a.add(AS), b.add(16 * NV));
+        a = a.add(2 * AS);
         b = b.add(32 * NV);
         p += 2;
     }
