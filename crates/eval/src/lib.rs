@@ -23,13 +23,14 @@
 //! `mse_conventional`). Unlearning and autointerp are not reproducible offline and
 //! return an explicit "not available" error.
 //!
-//! The LM is reached only through [`lm_api::HookedLm`]; an adapter for
-//! `saelab_lm::Model` is a few lines (see the `lm_api` module docs). Corpora from
-//! `saelab_data::corpus` map one-to-one onto [`tasks::LabeledText`].
+//! The LM is reached only through [`lm_api::HookedLm`], implemented for
+//! `saelab_lm::Model` in [`lm_adapter`] (tests use the toy [`lm_api::ToyLm`]). Corpora
+//! from `saelab_data::corpus` map one-to-one onto [`tasks::LabeledText`].
 
 pub mod absorption;
 pub mod cache;
 pub mod core_eval;
+pub mod lm_adapter;
 pub mod lm_api;
 pub mod metrics;
 pub mod output;
