@@ -5,6 +5,8 @@
 //! library crates; no numerics live here.
 
 mod cache;
+mod eval;
+mod experiment;
 mod fetch;
 mod train;
 
@@ -37,6 +39,16 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Train SAEs from an activation store (several configs share one read).
     Train(train::TrainArgs),
+    /// Evaluate an SAE with the SAEBench suite (core, absorption, sparse_probing, tpp, scr).
+    Eval(eval::EvalArgs),
+    /// Run an experiment plan: cache once, train variants x seeds, evaluate, report (resumable).
+    Experiment(experiment::ExperimentArgs),
+    /// Fetch the defaults and run plans/quickstart.toml; prints where the report is.
+    Quickstart(experiment::QuickstartArgs),
+    /// Re-render report.html / report.md of a run directory from its stored results.
+    Report(experiment::ReportArgs),
+    /// Print (and write RUN_B/compare.md) the differences between two runs.
+    Compare(experiment::CompareArgs),
 }
 
 fn main() {
@@ -60,5 +72,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch::run(a),
         Command::Cache(a) => cache::run(a),
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Experiment(a) => experiment::experiment(a),
+        Command::Quickstart(a) => experiment::quickstart(a),
+        Command::Report(a) => experiment::report(a),
+        Command::Compare(a) => experiment::compare(a),
     }
 }

@@ -75,8 +75,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let store = Arc::new(ActivationStore::open(&store_dir)?);
     let seed = configs[0].seed;
-    let mut source = ShuffledReader::new(store, ShuffleOptions { seed, epochs: usize::MAX, ..Default::default() });
-    let opts = TrainOptions { resume: a.resume, overwrite: a.overwrite, progress: true, ..Default::default() };
+    let mut source = ShuffledReader::new(store, ShuffleOptions { seed, ..Default::default() });
+    let opts = TrainOptions { resume: a.resume, overwrite: a.overwrite, progress: true, loop_source: true, ..Default::default() };
     let summaries = train(&configs, &mut source, &dirs, opts)?;
     for s in summaries {
         println!(

@@ -1,0 +1,46 @@
+//! `saelab eval`: run SAEBench evaluations on one SAE folder.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use saelab_lm::Model;
+use saelab_report::evalsetup::SuiteEvaluator;
+use saelab_report::runner::Evaluator;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// SAE folder (SAELens cfg.json + sae_weights.safetensors, or sparsify's
+    /// cfg.json + sae.safetensors). Its hook comes from cfg.json metadata.hook_name.
+    #[arg(long)]
+    pub sae: PathBuf,
+    /// Comma-separated: core, absorption, sparse_probing, tpp, scr. (unlearning and
+    /// autointerp are not available offline: they need gemma-2-2b-it + WMDP and an LLM judge.)
+    #[arg(long, default_value = "core,absorption,sparse_probing,tpp,scr", value_delimiter = ',')]
+    pub evals: Vec<String>,
+    /// The model the SAE was trained on: `default`, a .gguf file or a safetensors directory.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// Output directory for the SAEBench JSON files (default: SAE/evals).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Use SAEBench's sizes (200 x 16 x 128 reconstruction tokens, 2000 x 16 x 128
+    /// sparsity tokens, 4000/1000 probe splits) instead of the CPU-sized defaults.
+    #[arg(long)]
+    pub saebench_sizes: bool,
+    /// Where LM activations for evaluations are cached and reused across SAEs of the
+    /// same model and hook (default: $SAELAB_HOME/eval-cache).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let model_path = saelab_core::assets::resolve_model(&a.model)?;
+    let model = Model::load(&model_path).with_context(|| format!("loading model {}", model_path.display()))?;
+    let out = a.out.unwrap_or_else(|| a.sae.join("evals"));
+    let cache = a.cache_dir.unwrap_or_else(|| saelab_core::assets::saelab_home().join("eval-cache"));
+    let ev = SuiteEvaluator { cache_dir: Some(cache) };
+    let sizes = if a.saebench_sizes { "saebench" } else { "default" };
+    ev.evaluate(&model, &a.sae, &a.evals, &out, 0, sizes)?;
+    println!("results: {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `saelab experiment`, `saelab quickstart`, `saelab report` and `saelab compare`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use saelab_report::evalsetup::SuiteEvaluator;
+use saelab_report::plan::Plan;
+use saelab_report::results::load_records;
+use saelab_report::runner::{run_plan, write_run_report, RunOptions};
+use saelab_report::stats::{format_summary, summarize, welch_diff};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The quickstart plan, embedded so the binary runs it from anywhere.
+pub const QUICKSTART_PLAN: &str = include_str!("../../../plans/quickstart.toml");
+
+#[derive(Args)]
+pub struct ExperimentArgs {
+    /// Plan file (see plans/quickstart.toml and plans/research.toml).
+    pub plan: PathBuf,
+    /// Run directory (default: runs/<plan name>). Rerunning resumes: finished work is skipped.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct QuickstartArgs {
+    /// Run directory.
+    #[arg(long, default_value = "runs/quickstart")]
+    pub run: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Run directory written by `saelab experiment`.
+    pub run: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Baseline run directory.
+    pub run_a: PathBuf,
+    /// Run directory compared with it.
+    pub run_b: PathBuf,
+    /// Only metrics whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+fn execute(plan: &Plan, text: &str, run: PathBuf) -> Result<()> {
+    let evaluator = SuiteEvaluator { cache_dir: Some(run.join("eval-cache")) };
+    let report = run_plan(plan, text, &evaluator, &RunOptions { run_dir: run, progress: true })?;
+    println!("report: {}", report.display());
+    println!("        {}", report.with_extension("md").display());
+    Ok(())
+}
+
+pub fn experiment(a: ExperimentArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.plan).with_context(|| format!("cannot read plan {}", a.plan.display()))?;
+    let plan = Plan::parse(&text).with_context(|| format!("invalid plan {}", a.plan.display()))?;
+    let run = a.run.unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
+    execute(&plan, &text, run)
+}
+
+pub fn quickstart(a: QuickstartArgs) -> Result<()> {
+    println!("fetching the default model and corpora (first run only) ...");
+    for p in saelab_core::assets::fetch_all()? {
+        println!("  {}", p.display());
+    }
+    let plan = Plan::parse(QUICKSTART_PLAN).context("the embedded quickstart plan")?;
+    execute(&plan, QUICKSTART_PLAN, a.run)
+}
+
+pub fn report(a: ReportArgs) -> Result<()> {
+    let plan_path = a.run.join("plan.toml");
+    let plan = Plan::load(&plan_path)?;
+    let path = write_run_report(&a.run, &plan)?;
+    println!("report: {}", path.display());
+    Ok(())
+}
+
+fn metrics_by_variant(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, Vec<f64>>>> {
+    let records = load_records(run)?;
+    if records.is_empty() {
+        bail!("{}: no finished SAE (no variants/*/seed-*/summary.json)", run.display());
+    }
+    let mut out: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for r in &records {
+        for (k, v) in r.flat_metrics() {
+            out.entry(r.variant.clone()).or_default().entry(k).or_default().push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Print, per variant present in both runs, each metric in A and B and the difference
+/// B - A with a Welch 95% interval; write the same as compare.md + plots into RUN_B.
+pub fn compare(a: CompareArgs) -> Result<()> {
+    let ma = metrics_by_variant(&a.run_a)?;
+    let mb = metrics_by_variant(&a.run_b)?;
+    let shared: Vec<&String> = ma.keys().filter(|v| mb.contains_key(*v)).collect();
+    if shared.is_empty() {
+        bail!(
+            "the runs share no variant name ({} has {}; {} has {})",
+            a.run_a.display(),
+            ma.keys().cloned().collect::<Vec<_>>().join(", "),
+            a.run_b.display(),
+            mb.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    let mut md = format!(
+        "# saelab compare\n\nA = `{}`, B = `{}`; mean ± 95% interval over seeds; Δ = B − A (Welch).\n\n",
+        a.run_a.display(),
+        a.run_b.display()
+    );
+    for v in shared {
+        let (xa, xb) = (&ma[v], &mb[v]);
+        let keys: BTreeSet<&String> = xa.keys().chain(xb.keys()).collect();
+        md.push_str(&format!("## {v}\n\n| metric | A | B | Δ (B − A) |\n|---|---|---|---|\n"));
+        println!("\n== {v} ==");
+        println!("{:<64} {:>18} {:>18} {:>20}", "metric", "A", "B", "B - A");
+        for k in keys {
+            if a.filter.as_ref().is_some_and(|f| !k.contains(f.as_str())) {
+                continue;
+            }
+            let empty = Vec::new();
+            let (va, vb) = (xa.get(k).unwrap_or(&empty), xb.get(k).unwrap_or(&empty));
+            let (sa, sb) = (format_summary(&summarize(va)), format_summary(&summarize(vb)));
+            let d = if va.is_empty() || vb.is_empty() { "n/a".to_string() } else { format_summary(&welch_diff(vb, va)) };
+            println!("{k:<64} {sa:>18} {sb:>18} {d:>20}");
+            md.push_str(&format!("| {k} | {sa} | {sb} | {d} |\n"));
+        }
+        md.push('\n');
+    }
+    let out = a.run_b.join("compare.md");
+    saelab_core::fsutil::write_atomic(&out, md.as_bytes())?;
+    println!("\nwritten: {}", out.display());
+    Ok(())
+}
