@@ -357,6 +357,51 @@ pub fn accum_rows(
     sums
 }
 
+/// A raw pointer that may be shared across rayon tasks which write disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// The sparse decoder's backward in latent-major order, so each decoder row (and its
+/// gradient row) is read once per step instead of once per entry:
+/// `grad_val[p] += <dy_row(r_p, l), W[l]>` and `grad_w[l] += val[p] * dy_row(r_p, l)`.
+pub fn decoder_backward(
+    csc: &Csc,
+    val: &[f32],
+    w: &[f32],
+    d: usize,
+    dy: &[f32],
+    dy_stride: usize,
+    dy_off: &(dyn Fn(u32) -> usize + Sync),
+    grad_w: &mut [f32],
+    grad_val: &mut [f32],
+) {
+    assert_eq!(val.len(), grad_val.len());
+    let gv = SyncPtr(grad_val.as_mut_ptr());
+    grad_w
+        .par_chunks_mut(d)
+        .zip(w.par_chunks(d))
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(l, (g, wl))| {
+            let gv = gv;
+            let off_l = dy_off(l as u32);
+            for q in csc.ptr[l]..csc.ptr[l + 1] {
+                let p = csc.ent[q] as usize;
+                let off = csc.rows[q] as usize * dy_stride + off_l;
+                let dyr = &dy[off..off + d];
+                // Safety: every entry p belongs to exactly one latent, so tasks write disjoint
+                // elements of grad_val, which outlives this call.
+                unsafe { *gv.0.add(p) += dot(dyr, wl) };
+                let c = val[p];
+                if c != 0.0 {
+                    axpy(c, dyr, g);
+                }
+            }
+        });
+}
+
 /// `out = sum_l coef[l] * W[l]` over latents with non-zero `coef` (W latent-major),
 /// reduced in fixed chunks so the result is reproducible.
 pub fn weighted_row_sum(w: &[f32], coef: &[f32], d: usize) -> Vec<f32> {
@@ -714,6 +759,13 @@ mod tests {
                     .sum();
                 assert!((s - g[l * d + j] as f64).abs() < 1e-4);
             }
+        }
+        let mut g2 = vec![0f32; f * d];
+        let mut gv2 = vec![0f32; codes.nnz()];
+        decoder_backward(&csc, &codes.val, &w, d, &dy, d, &|_| 0, &mut g2, &mut gv2);
+        assert_eq!(g2, g, "fused backward, weight part");
+        for (a, b) in gv2.iter().zip(&gv) {
+            assert!((a - b).abs() < 1e-5, "fused backward, value part");
         }
         let ws = weighted_row_sum(&w, &sums, d);
         for j in 0..d {

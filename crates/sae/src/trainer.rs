@@ -728,17 +728,26 @@ impl TrainSae {
         let nnz = codes.nnz();
         let mut grad_val = vec![0f32; nnz];
         let dy_off = |l: u32| group_of(l) * d;
-        kernels::grad_vals(
-            &codes.offsets,
-            &codes.idx,
-            w_dec,
+        let entry_rows = kernels::entry_rows(&codes.offsets);
+        let csc_main = Csc::build(f, &entry_rows, &codes.idx);
+        // Reconstruction part of d loss / d codes and of d loss / d W_dec, in one
+        // latent-major pass (the gradient buffer is moved out and back: no early return
+        // can happen in between).
+        let mut g_dec = std::mem::take(&mut self.tensors[W_DEC].g);
+        kernels::decoder_backward(
+            &csc_main,
+            &codes.val,
+            &self.tensors[W_DEC].p,
             d,
             &dy,
             ng * d,
             &dy_off,
+            &mut g_dec,
             &mut grad_val,
         );
-        let entry_rows = kernels::entry_rows(&codes.offsets);
+        self.tensors[W_DEC].g = g_dec;
+        let w_dec = &self.tensors[W_DEC].p;
+        let b_dec = &self.tensors[B_DEC].p;
         let l1s = self.l1_scale();
         let mut sparsity_loss = 0f64;
         // Extra decoder-row gradients from penalties involving decoder norms.
@@ -966,13 +975,11 @@ impl TrainSae {
 
         prof.lap("AuxK / gated aux");
         // ---- decoder gradients ----
-        let csc_main = Csc::build(f, &entry_rows, &codes.idx);
         {
             let t = &mut self.tensors;
             let (lo, hi) = t.split_at_mut(W_DEC);
             let _ = lo;
             let g_dec = &mut hi[0].g;
-            kernels::accum_rows(&csc_main, &codes.val, &dy, ng * d, &dy_off, d, g_dec);
             if !aux.idx.is_empty() && !d_ehat.is_empty() {
                 let csc_aux = Csc::build(f, &kernels::entry_rows(&aux.off), &aux.idx);
                 kernels::accum_rows(&csc_aux, &aux.val, &d_ehat, d, &|_| 0, d, g_dec);

@@ -3,6 +3,7 @@
 //! with fewer than k positive pre-activations, Matryoshka prefixes, decoder-norm
 //! penalties, the Gated frozen-decoder term), and the JumpReLU threshold STE against its
 //! formula.
+#![allow(clippy::needless_range_loop)]
 
 use saelab_core::rng::Rng;
 use saelab_sae::config::{Architecture, L0Penalty, TrainConfig};
@@ -186,11 +187,8 @@ impl Ref<'_> {
             // Detached residual target.
             let (_, pre_z) = enc(fz);
             let cz = codes(fz, &pre_z);
-            let xh = if arch == Architecture::MatryoshkaBatchtopk {
-                decode(fz, &cz, f, true)
-            } else {
-                decode(fz, &cz, f, true)
-            };
+            // The residual target is that of the full dictionary (Matryoshka: the last prefix).
+            let xh = decode(fz, &cz, f, true);
             let resid: Vec<f64> = self.x.iter().zip(&xh).map(|(&a, b)| a as f64 - b).collect();
             let mut mean = vec![0f64; d];
             for r in 0..rows {

@@ -41,7 +41,7 @@ impl Regularizer for TestReg {
         })
     }
     fn after_step(&mut self, ctx: &StepContext, _codes: &SparseCodes) -> Result<Vec<u32>> {
-        Ok(if (ctx.step + 1) % 4 == 0 {
+        Ok(if (ctx.step + 1).is_multiple_of(4) {
             vec![5]
         } else {
             vec![]
