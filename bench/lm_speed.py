@@ -23,13 +23,21 @@ from transformers import AutoModelForCausalLM
 
 
 def timed(fn, iters):
+    """Median wall time and mean process CPU time (all threads) per call. CPU time is
+    reported because the benchmark machine is shared with other jobs."""
     fn()
     times = []
+    c0 = time.process_time()
     for _ in range(iters):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - c0) / iters
+
+
+def report(name, t, n):
+    wall, cpu = t
+    print(f"{name:42s} {wall * 1e3:8.1f} ms  {n / wall:8.0f} tok/s  | CPU {cpu * 1e3:8.1f} ms/iter  {n / cpu:8.0f} tok/CPU-s")
 
 
 def main():
@@ -49,7 +57,7 @@ def main():
 
     with torch.inference_mode():
         t = timed(lambda: model(ids, use_cache=False), args.iters)
-        print(f"full forward + logits                      {t * 1e3:8.1f} ms  {n / t:8.0f} tok/s")
+        report("full forward + logits", t, n)
         # Stop after layer L: keep layers 0..L, run the decoder body only (no norm, no head).
         layers = model.model.layers
         model.model.layers = layers[: args.layer + 1]
@@ -63,7 +71,7 @@ def main():
         t = timed(lambda: model.model(ids, use_cache=False), args.iters)
         h.remove()
         model.model.layers = layers
-        print(f"extract blocks.{args.layer}.hook_resid_post (stop)   {t * 1e3:8.1f} ms  {n / t:8.0f} tok/s")
+        report(f"extract blocks.{args.layer}.hook_resid_post (stop)", t, n)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,18 @@ fn brown_text() -> String {
     text
 }
 
+/// Process CPU time (user + system, all threads) in seconds, from /proc/self/stat
+/// (fields 14 and 15, in USER_HZ = 100 ticks/s on Linux). Reported next to wall time
+/// because the benchmark machine is shared: CPU time is what the forward itself costs.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -100,13 +112,17 @@ fn main() {
             t.elapsed().as_secs_f64()
         };
         run();
+        let cpu0 = cpu_seconds();
         let times: Vec<f64> = (0..iters).map(|_| run()).collect();
+        let cpu = (cpu_seconds() - cpu0) / iters as f64;
         let t = median(times);
         println!(
-            "{name:42} {:8.1} ms  {:8.0} tok/s  {:6.1} GFLOP/s",
+            "{name:42} {:8.1} ms  {:8.0} tok/s  {:6.1} GFLOP/s  | CPU {:8.1} ms/iter  {:8.0} tok/CPU-s",
             t * 1e3,
             n_tok / t,
-            flops * n_tok / t / 1e9
+            flops * n_tok / t / 1e9,
+            cpu * 1e3,
+            n_tok / cpu
         );
     }
 }

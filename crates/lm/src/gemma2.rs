@@ -151,7 +151,7 @@ pub(crate) fn mlp_block(
     let gu = &mut ws.gu[..rows * 2 * ff];
     ops::linear(h, rows, &layer.w_gate_up, 2 * ff, d, gu);
     let act = &mut ws.act[..rows * ff];
-    ops::gated_act(gu, ff, act, ops::gelu_tanh);
+    ops::gated_act(gu, ff, act, ops::GatedAct::GeluTanh);
     let o = &mut ws.h[..rows * d];
     ops::linear(act, rows, &layer.w_down, d, ff, o);
     let post = layer

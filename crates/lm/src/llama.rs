@@ -158,7 +158,7 @@ pub(crate) fn mlp_block(
     let gu = &mut ws.gu[..rows * 2 * ff];
     ops::linear(h, rows, &layer.w_gate_up, 2 * ff, d, gu);
     let act = &mut ws.act[..rows * ff];
-    ops::gated_act(gu, ff, act, ops::silu);
+    ops::gated_act(gu, ff, act, ops::GatedAct::Silu);
     if keep_out {
         ops::linear(act, rows, &layer.w_down, d, ff, &mut ws.sub[..rows * d]);
     } else {
