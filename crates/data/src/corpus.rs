@@ -301,7 +301,7 @@ pub fn default_mixture(nlp_dir: &Path, brown_dir: &Path, stdlib_dir: &Path) -> R
             .iter()
             .map(|d| d.text.as_str())
             .collect::<Vec<_>>()
-            .join(" ");
+            .join("\n");
         grouped.push(Document::new(text));
     }
     Ok(Dataset::mixture(
@@ -458,6 +458,10 @@ pub fn brown_detokenize(tagged: &str) -> String {
             }
             _ => (word, false, false),
         };
+        // The corpus doubles some semicolons (`;/. ;/.`, e.g. in cg62): keep one.
+        if text == ";" && out.ends_with(';') {
+            continue;
+        }
         if !glue_next && !closes {
             out.push(' ');
         }
@@ -1144,6 +1148,10 @@ mod tests {
         assert_eq!(
             brown_detokenize("I/ppss do/do not/* think/vb (/( so/rb )/) 1/2/cd"),
             "I do not think (so) 1/2"
+        );
+        assert_eq!(
+            brown_detokenize("European/jj war/nn ;/. ;/. it/pps meant/vbd"),
+            "European war; it meant"
         );
     }
 
