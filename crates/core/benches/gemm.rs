@@ -180,6 +180,12 @@ fn fma_peak(threads: usize) -> Option<(f64, f64, f64, f64)> {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without
+    // it, and a multi-minute benchmark has no place in a test run.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("gemm bench: run with `cargo bench -p saelab-core --bench gemm`; skipping");
+        return;
+    }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let threads = rayon::current_num_threads();
     println!("saelab kernel: {}; rayon threads: {threads}", kernel_name());
