@@ -16,7 +16,6 @@
 //! seed, so every SAE of a model/hook is measured on the same tokens and the LM passes
 //! are cached once and shared (`$RUN/eval-cache`).
 
-use crate::lm_adapter::LmAdapter;
 use anyhow::{bail, Context, Result};
 use saelab_core::rng::Rng;
 use saelab_data::corpus::{load_corpus, split_paragraphs, Dataset};
@@ -124,6 +123,23 @@ pub fn eval_options(evals: &[String], hook: &str, sizes: &str, cache_dir: Option
     let mut o = EvalOptions { evals: evals.to_vec(), hook: hook.to_string(), seed: EVAL_SEED, cache_dir, ..Default::default() };
     match sizes {
         "default" => {}
+        // Smoke-test sizes (CI's end-to-end test): every code path, minimal tokens.
+        "tiny" => {
+            o.core.batch_prompts = 2;
+            o.core.recon_batches = 2;
+            o.core.sparsity_batches = 4;
+            o.core.per_latent_details = false;
+            o.sparse_probing.n_train = 40;
+            o.sparse_probing.n_val = 20;
+            o.sparse_probing.n_test = 40;
+            o.sparse_probing.max_classes = 2;
+            o.absorption.max_words = Some(400);
+            o.absorption.gt_probe_epochs = 5;
+            o.absorption.k_sparse_probe_epochs = 5;
+            o.scr_tpp.n_train = 40;
+            o.scr_tpp.n_test = 40;
+            o.scr_tpp.max_classes = 2;
+        }
         "saebench" => {
             o.core.batch_prompts = 16;
             o.core.ctx = 128;
@@ -132,7 +148,7 @@ pub fn eval_options(evals: &[String], hook: &str, sizes: &str, cache_dir: Option
             o.sparse_probing.n_train = 4000;
             o.sparse_probing.n_test = 1000;
         }
-        other => bail!("unknown evaluation sizes `{other}` (default | saebench)"),
+        other => bail!("unknown evaluation sizes `{other}` (default | saebench | tiny)"),
     }
     let wants = |e: &str| evals.iter().any(|x| x == e);
     if wants("core") {
@@ -186,8 +202,7 @@ impl crate::runner::Evaluator for SuiteEvaluator {
         let sae = Sae::load(sae_dir).with_context(|| format!("loading SAE {}", sae_dir.display()))?;
         let hook = sae.metadata.hook_name.clone();
         let opts = eval_options(evals, &hook, sizes, self.cache_dir.clone())?;
-        let lm = LmAdapter { model };
-        let run = saelab_eval::run_evals(&opts, &sae, &lm, out_dir)?;
+        let run = saelab_eval::run_evals(&opts, &sae, model, out_dir)?;
         eprintln!("{}", run.summary);
         Ok(())
     }

@@ -1,7 +1,6 @@
 //! saelab-report: experiment plans, the runner, and reports.
 //!
 //! - [`evalsetup`]: evaluation tasks from the reachable corpora; the shared evaluator.
-//! - [`lm_adapter`]: the real LM behind the evaluations' `HookedLm` trait.
 //! - [`plan`]: the plan file (model, hook, corpus, budget, variants with grids, seeds).
 //! - [`results`]: the run-directory layout and the records read back from it.
 //! - [`report`]: report.html / report.md with tables and plots from stored results.
@@ -10,7 +9,6 @@
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
 pub mod evalsetup;
-pub mod lm_adapter;
 pub mod plan;
 pub mod plots;
 pub mod report;

@@ -53,7 +53,8 @@ pub struct Plan {
     /// Variant the others are compared with (default: the first).
     #[serde(default)]
     pub baseline: Option<String>,
-    /// Evaluation sizes: "default" (sized for a laptop CPU) or "saebench".
+    /// Evaluation sizes: "default" (sized for a 2-core CPU), "saebench" (SAEBench's
+    /// standard sizes) or "tiny" (smoke tests).
     #[serde(default = "default_eval_sizes")]
     pub eval_sizes: String,
     /// Dead-fraction above which the report flags a variant.
@@ -193,8 +194,8 @@ impl Plan {
                 bail!("unknown evaluation `{e}`{hint}");
             }
         }
-        if !["default", "saebench"].contains(&self.eval_sizes.as_str()) {
-            bail!("eval_sizes must be \"default\" or \"saebench\", not `{}`", self.eval_sizes);
+        if !["default", "saebench", "tiny"].contains(&self.eval_sizes.as_str()) {
+            bail!("eval_sizes must be \"default\", \"saebench\" or \"tiny\", not `{}`", self.eval_sizes);
         }
         if self.variants.is_empty() {
             bail!("the plan has no [[variants]]");

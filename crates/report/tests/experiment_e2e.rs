@@ -1,0 +1,103 @@
+//! End to end on the real model: a tiny plan (a few thousand tokens, tiny SAEs) runs
+//! through cache -> train -> evaluate -> report; a rerun skips finished work; a variant
+//! whose record says it trained zero steps is flagged in the report.
+
+use saelab_report::evalsetup::SuiteEvaluator;
+use saelab_report::plan::Plan;
+use saelab_report::runner::{run_plan, write_run_report, RunOptions};
+use std::path::Path;
+
+const PLAN: &str = r#"
+name = "e2e"
+model = "default"
+hook = "blocks.3.hook_resid_post"
+corpus = "moby-dick"
+train_tokens = 6144
+seeds = [0, 1]
+evals = ["core"]
+eval_sizes = "tiny"
+baseline = "topk"
+
+[train]
+architecture = "topk"
+d_sae = 128
+k = 8
+batch_size = 512
+warmup_steps = 2
+log_every = 2
+hist_every = 4
+checkpoint_every = 0
+dead_tokens = 2048
+
+[[variants]]
+name = "topk"
+
+[[variants]]
+name = "relu"
+train = { architecture = "standard", l1_coeff = 0.01 }
+"#;
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
+    let run = std::env::temp_dir().join(format!("saelab-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let plan = Plan::parse(PLAN).unwrap();
+    let ev = SuiteEvaluator { cache_dir: Some(run.join("eval-cache")) };
+    let opts = RunOptions { run_dir: run.clone(), progress: false };
+    let report = run_plan(&plan, PLAN, &ev, &opts).unwrap();
+
+    // Run directory and files.
+    for f in ["saelab-run.json", "plan.toml", "activations/manifest.json", "results.csv", "results.json", "report.md"] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    assert_eq!(report, run.join("report.html"));
+    for v in ["topk", "relu"] {
+        for s in [0, 1] {
+            let d = run.join("variants").join(v).join(format!("seed-{s}"));
+            for f in ["cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "evals/core_eval_results.json"] {
+                assert!(d.join(f).exists(), "missing {v}/seed-{s}/{f}");
+            }
+            let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
+            assert_eq!(summary["steps"].as_u64(), Some(12), "6144 tokens / 512 per step");
+        }
+    }
+    // Results table: header + 4 rows, with core metrics measured.
+    let csv = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    let header = csv.lines().next().unwrap();
+    assert!(header.contains("core.model_performance_preservation.ce_loss_score"), "{header}");
+    assert!(header.contains("train.fvu") || header.contains("train.loss"), "{header}");
+    // Report sections.
+    let html = std::fs::read_to_string(&report).unwrap();
+    for s in ["Setup", "Headline metrics", "Sparsity-fidelity frontier", "Training curves", "Feature separation", "Evaluations by k and N", "All metrics"] {
+        assert!(html.contains(s), "report lacks section {s}");
+    }
+    assert!(!html.contains("ZERO STEPS"));
+
+    // Resume: nothing is redone.
+    let sae_file = run.join("variants/topk/seed-0/sae_weights.safetensors");
+    let eval_file = run.join("variants/relu/seed-1/evals/core_eval_results.json");
+    let (t_sae, t_eval) = (mtime(&sae_file), mtime(&eval_file));
+    run_plan(&plan, PLAN, &ev, &opts).unwrap();
+    assert_eq!(mtime(&sae_file), t_sae, "finished training was redone");
+    assert_eq!(mtime(&eval_file), t_eval, "finished evaluation was redone");
+
+    // A record of zero steps is flagged.
+    let sp = run.join("variants/relu/seed-1/summary.json");
+    let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    summary["steps"] = serde_json::json!(0);
+    std::fs::write(&sp, summary.to_string()).unwrap();
+    write_run_report(&run, &plan).unwrap();
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(md.lines().any(|l| l.starts_with("| relu | 1 | 0 |") && l.contains("ZERO STEPS")), "{md}");
+
+    // A different plan in the same directory is refused before any compute.
+    let other = PLAN.replace("train_tokens = 6144", "train_tokens = 8192");
+    let e = run_plan(&Plan::parse(&other).unwrap(), &other, &ev, &opts).unwrap_err();
+    assert!(format!("{e:#}").contains("different plan"), "{e:#}");
+    std::fs::remove_dir_all(&run).unwrap();
+}
