@@ -16,6 +16,9 @@ use anyhow::{bail, Result};
 use saelab_core::rng::Rng;
 use std::collections::HashMap;
 
+/// An in-place edit of a hook activation: `edit(act [rows, d], rows, d)`.
+pub type EditFn<'a> = dyn FnMut(&mut [f32], usize, usize) + 'a;
+
 /// A language model with one readable/writable hook point per call.
 pub trait HookedLm {
     /// Model name (goes into cache keys and result files).
@@ -198,7 +201,7 @@ impl ToyLm {
         batch: usize,
         seq: usize,
         hook: &str,
-        edit: Option<&mut dyn FnMut(&mut [f32], usize, usize)>,
+        edit: Option<&mut EditFn>,
         logits: bool,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         if tokens.len() != batch * seq {

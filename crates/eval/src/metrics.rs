@@ -114,7 +114,7 @@ impl CoreAccumulator {
         assert_eq!(x_hat.len(), rows * d, "x_hat is not [rows, d]");
         assert_eq!(codes.rows, rows, "codes rows != mask rows");
         assert!(
-            seq_len > 0 && rows % seq_len == 0,
+            seq_len > 0 && rows.is_multiple_of(seq_len),
             "rows not a multiple of seq_len"
         );
         let kept: Vec<usize> = (0..rows).filter(|&r| mask[r]).collect();
@@ -176,8 +176,8 @@ impl CoreAccumulator {
         for s in 0..rows / seq_len {
             let seq_id = self.n_seqs;
             self.n_seqs += 1;
-            for r in s * seq_len..(s + 1) * seq_len {
-                if !mask[r] {
+            for (r, &keep) in mask.iter().enumerate().skip(s * seq_len).take(seq_len) {
+                if !keep {
                     continue;
                 }
                 let (idx, val) = codes.row(r);

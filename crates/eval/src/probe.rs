@@ -198,6 +198,7 @@ fn sigmoid(z: f64) -> f64 {
 
 /// The scikit-learn L2 logistic objective and its gradient over `theta = [w; b]`, on a
 /// dense f64 matrix `m` [n, k] with labels `y` and sample weights `s`.
+#[allow(clippy::too_many_arguments)] // a flat signature keeps the solver closure cheap
 pub fn logreg_objective(
     m: &[f64],
     n: usize,
@@ -547,6 +548,7 @@ fn bce_grad(z: &[f32], y: &[f32], pw: &[f32], k: usize, g: &mut [f32]) -> f64 {
 
 /// Full objective (BCE + L1, without weight decay) of `probe` on rows `rows`, and the
 /// gradient wrt weights and biases. Exposed for the finite-difference tests.
+#[allow(clippy::too_many_arguments)] // outputs are caller-owned buffers reused across steps
 pub fn probe_loss_grad(
     probe: &LinearProbe,
     x: &Design,
@@ -838,6 +840,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // coordinate-wise finite differences
     fn probe_gradient_matches_finite_differences_dense_and_sparse() {
         let (n, d, k) = (12, 7, 3);
         let mut r = Rng::new(9);

@@ -580,7 +580,7 @@ mod tests {
             &lm,
             &identity_sae(16),
             "blocks.0.hook_resid_post",
-            &[ds.clone()],
+            std::slice::from_ref(&ds),
             &cfg,
             &ActCache::default(),
         )
@@ -598,7 +598,7 @@ mod tests {
             &lm,
             &identity_sae(16),
             "blocks.0.hook_resid_post",
-            &[ds.clone()],
+            std::slice::from_ref(&ds),
             &cfg,
             &ActCache::default(),
         )

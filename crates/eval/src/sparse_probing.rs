@@ -140,8 +140,7 @@ pub fn one_vs_rest_tasks(
     let mut tasks = Vec::new();
     for (ci, (cname, _)) in classes.iter().enumerate() {
         let mut parts: Vec<Vec<(usize, bool)>> = Vec::new();
-        for s in 0..3 {
-            let pos = &splits[ci][s];
+        for (s, pos) in splits[ci].iter().enumerate() {
             // Negatives: round robin over the other classes (each shuffled).
             let mut others: Vec<Vec<usize>> = (0..classes.len())
                 .filter(|&o| o != ci)
@@ -195,6 +194,7 @@ pub struct PooledData {
 }
 
 /// Collect (cached) and pool the activations of the pool documents.
+#[allow(clippy::too_many_arguments)] // the cache key needs every one of them
 pub fn pooled_data(
     lm: &dyn HookedLm,
     sae: &Sae,
@@ -271,13 +271,16 @@ fn probe_task(
     Ok((full_acc, ks))
 }
 
+/// Test accuracy of the full-width probe and of each top-k probe.
+pub type ProbeScores = (f64, Vec<f64>);
+
 /// LM and SAE probe accuracies of one task.
 pub fn evaluate_task(
     data: &PooledData,
     task: &BinaryTask,
     cfg: &SparseProbingConfig,
     seed: u64,
-) -> Result<((f64, Vec<f64>), (f64, Vec<f64>))> {
+) -> Result<(ProbeScores, ProbeScores)> {
     let (rtr, _) = split_xy(&task.train);
     let (rva, _) = split_xy(&task.val);
     let (rte, _) = split_xy(&task.test);
