@@ -8,6 +8,7 @@
 
 use saelab_core::rng::Rng;
 use saelab_sae::codes::SparseCodes;
+use saelab_sae::config::{Architecture, TrainConfig};
 use saelab_sae::methods::pairs::Csc;
 use saelab_sae::methods::pairs::PairEma;
 use saelab_sae::methods::progressive::{dense_reference, sparse_penalty};
@@ -15,7 +16,10 @@ use saelab_sae::methods::rsvd::{randomized_svd, DenseOp};
 use saelab_sae::methods::self_correcting::{
     interference_candidates, interference_penalty, GateConfig, Overlap, Statistic, ZScoreGate,
 };
+use saelab_sae::methods::MethodConfig;
 use saelab_sae::regularizer::{DecoderRowGrads, Gate};
+use saelab_sae::synth::sparse_mixture;
+use saelab_sae::trainer::{TrainHooks, TrainSae};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -51,6 +55,61 @@ fn synth_codes(rng: &mut Rng, b: usize, f: usize, k: usize, zipf: f64) -> Sparse
         c.push_row(row.iter().copied());
     }
     c
+}
+
+/// A whole TopK training step (the trainer of `saelab_sae::trainer`, F = 16384, k = 40,
+/// B = 2048, d_in = 576 as SmolLM2-135M) without and with each method's hooks. Steps of
+/// the two models alternate, so slow phases of other load hit both alike.
+fn step_overhead(reps: usize) {
+    let (f, k, b, d) = (16384usize, 40usize, 2048usize, 576usize);
+    let steps = reps.max(4);
+    let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
+    let cfg = TrainConfig {
+        architecture: Architecture::Topk,
+        d_sae: f,
+        k,
+        batch_size: b,
+        total_tokens: (b * 1000) as u64,
+        ..Default::default()
+    };
+    for preset in ["progressive", "static_control", "self_correcting_no_gate"] {
+        let mut plain = TrainSae::new(&cfg, d, 1000).expect("plain model");
+        let mut with = TrainSae::new(&cfg, d, 1000).expect("method model");
+        let mut none = TrainHooks::default();
+        let built = MethodConfig::preset(preset)
+            .expect("preset")
+            .build(d, f, 1)
+            .expect("build");
+        let mut hooks = TrainHooks {
+            regularizers: built.regularizers,
+            gate: built.gate,
+        };
+        let (mut tp, mut tm) = (Vec::new(), Vec::new());
+        for s in 0..steps + 2 {
+            let xb = &x[s * b * d..(s + 1) * b * d];
+            let t = Instant::now();
+            plain.train_step(xb, &mut none).expect("plain step");
+            let a = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            with.train_step(xb, &mut hooks).expect("method step");
+            let m = t.elapsed().as_secs_f64() * 1e3;
+            if s >= 2 {
+                tp.push(a);
+                tm.push(m);
+            }
+        }
+        tp.sort_by(|a, b| a.total_cmp(b));
+        tm.sort_by(|a, b| a.total_cmp(b));
+        let (pm, mm) = (tp[tp.len() / 2], tm[tm.len() / 2]);
+        println!(
+            "TopK step d_in={d} F={f} k={k} B={b}, {steps} alternating steps: plain median {pm:.1} ms (min {:.1}), \
+             with {preset} median {mm:.1} ms (min {:.1}); ratio of medians {:.3}, of minima {:.3}",
+            tp[0],
+            tm[0],
+            mm / pm,
+            tm[0] / tp[0]
+        );
+    }
 }
 
 /// `(min, median)` wall time in ms; the minimum is the least disturbed by other load
@@ -100,8 +159,8 @@ fn loadavg() -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Optional section filter: `m1`, `dense`, `m2` (default: all).
-    let sections: Vec<&str> = ["m1", "dense", "m2"]
+    // Optional section filter: `m1`, `dense`, `m2`, `step` (default: all).
+    let sections: Vec<&str> = ["m1", "dense", "m2", "step"]
         .into_iter()
         .filter(|s| args.iter().any(|a| a == s))
         .collect();
@@ -212,6 +271,9 @@ fn main() {
         );
     }
 
+    if run("step") {
+        step_overhead(reps);
+    }
     if !run("m2") {
         println!("load average at end: {}", loadavg());
         return;
