@@ -104,7 +104,7 @@ impl<'a> MatMut<'a> {
 /// (see [`SERIAL_BELOW`]); smaller calls run on the calling thread, as [`gemm_serial`].
 pub fn gemm(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
     let (m, k, n) = check_shapes(&a, &b, &c);
-    let threads = if m * n * k < SERIAL_BELOW {
+    let threads = if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
         1
     } else {
         rayon::current_num_threads()
@@ -287,7 +287,7 @@ impl<'a> BfMatRef<'a> {
 /// B had been converted to f32 first). Same contract and threading as [`gemm`].
 pub fn gemm_bf16b(alpha: f32, a: MatRef, b: BfMatRef, beta: f32, c: MatMut) {
     let (m, k, n) = check_shapes_bf16(&a, &b, &c);
-    let threads = if m * n * k < SERIAL_BELOW {
+    let threads = if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
         1
     } else {
         rayon::current_num_threads()
