@@ -863,7 +863,10 @@ impl Regularizer for SelfCorrecting {
         let mut metrics = Vec::new();
         let mut loss = 0.0;
         let p = &self.cfg.penalty;
-        if p.enabled {
+        // The pair statistics also feed reactivation, so they are kept whenever either
+        // part is on; the loss and decoder gradient only when the penalty is on (with
+        // the penalty off the mass is still measured, as a diagnostic).
+        if p.enabled || self.cfg.reactivation.enabled {
             let (pairs, candidates) = interference_candidates(
                 codes,
                 &mut self.ema,
@@ -877,11 +880,15 @@ impl Regularizer for SelfCorrecting {
                 ctx.d_in,
                 p.overlap,
                 p.weight as f32,
-                Some(grad_dec),
+                if p.enabled { Some(grad_dec) } else { None },
             );
-            loss = p.weight * st.mass;
+            if p.enabled {
+                loss = p.weight * st.mass;
+            }
             self.last_mass = st.mass;
             metrics.push(("sc_interference_mass".into(), st.mass));
+            metrics.push(("sc_weight".into(), if p.enabled { p.weight } else { 0.0 }));
+            metrics.push(("sc_tau".into(), p.tau));
             metrics.push(("sc_penalised_pairs".into(), st.pairs.len() as f64));
             metrics.push(("sc_candidate_pairs".into(), candidates as f64));
             metrics.push(("sc_ema_entries".into(), self.ema.entries() as f64));
@@ -1269,5 +1276,47 @@ mod tests {
         sc2.load_state(&saved).unwrap();
         assert_eq!(sc2.log, sc.log);
         assert_eq!(sc2.ema.entries(), sc.ema.entries());
+    }
+
+    #[test]
+    fn penalty_off_keeps_statistics_without_loss() {
+        let (d_in, f, b) = (6usize, 8usize, 16usize);
+        let mut rng = Rng::new(15);
+        let mut w = vec![0f32; f * d_in];
+        rng.fill_normal(&mut w, 1.0);
+        let mut cfg = SelfCorrectingConfig::default();
+        cfg.penalty.enabled = false;
+        cfg.rsvd.rank = 2;
+        cfg.profile_every = 0;
+        let mut sc = SelfCorrecting::new(cfg, f, 3, Arc::new(Mutex::new(Vec::new()))).unwrap();
+        let mut codes = SparseCodes::with_capacity(b, f, 0);
+        for _ in 0..b {
+            codes.push_row(vec![(0u32, 1.0f32), (1, 0.5 + rng.f32()), (2, 0.3)]);
+        }
+        let x = vec![0f32; b * d_in];
+        let ctx = StepContext {
+            step: 1,
+            total_steps: 10,
+            d_in,
+            d_sae: f,
+            x: &x,
+            x_hat: &x,
+            w_dec: &w,
+            pre_active: None,
+        };
+        let mut gd = DecoderRowGrads::default();
+        let out = sc
+            .penalty(&ctx, &codes, &mut vec![0.0; codes.nnz()], &mut gd)
+            .unwrap();
+        assert_eq!(out.loss, 0.0);
+        assert!(gd.latents.is_empty());
+        assert!(sc.ema.entries() > 0);
+        let mass = out
+            .metrics
+            .iter()
+            .find(|(n, _)| n == "sc_interference_mass")
+            .unwrap()
+            .1;
+        assert!(mass > 0.0);
     }
 }
