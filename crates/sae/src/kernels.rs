@@ -493,24 +493,60 @@ pub struct AdamHyper {
 /// Fused Adam on flat buffers; the gradient is multiplied by `h.gscale` (clipping) on
 /// the fly, and `g` is zeroed for the next step.
 pub fn adam_step(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamHyper) {
+    p.par_chunks_mut(FLAT_CHUNK)
+        .zip(g.par_chunks_mut(FLAT_CHUNK))
+        .zip(m.par_chunks_mut(FLAT_CHUNK))
+        .zip(v.par_chunks_mut(FLAT_CHUNK))
+        .for_each(|(((p, g), m), v)| adam_step_seq(p, g, m, v, h));
+}
+
+#[inline]
+fn adam_step_seq(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], h: AdamHyper) {
     let bc1 = 1.0 - (h.beta1 as f64).powi(h.t as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(h.t as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
     let (b1, b2, eps, gs) = (h.beta1, h.beta2, h.eps, h.gscale);
-    p.par_chunks_mut(FLAT_CHUNK)
-        .zip(g.par_chunks_mut(FLAT_CHUNK))
-        .zip(m.par_chunks_mut(FLAT_CHUNK))
-        .zip(v.par_chunks_mut(FLAT_CHUNK))
+    for i in 0..p.len() {
+        let gi = g[i] * gs;
+        let mi = b1 * m[i] + (1.0 - b1) * gi;
+        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * mi / (vi.sqrt() / bc2_sqrt + eps);
+        g[i] = 0.0;
+    }
+}
+
+/// [`adam_step`] on a row-major `[rows, d]` matrix whose rows are then rescaled to unit
+/// norm (the constrained decoder), fused so each row is streamed once.
+pub fn adam_step_unit_rows(
+    p: &mut [f32],
+    g: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: AdamHyper,
+    d: usize,
+) {
+    let rows_per_task = (FLAT_CHUNK / d.max(1)).max(1);
+    let c = rows_per_task * d;
+    p.par_chunks_mut(c)
+        .zip(g.par_chunks_mut(c))
+        .zip(m.par_chunks_mut(c))
+        .zip(v.par_chunks_mut(c))
         .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let gi = g[i] * gs;
-                let mi = b1 * m[i] + (1.0 - b1) * gi;
-                let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] -= step_size * mi / (vi.sqrt() / bc2_sqrt + eps);
-                g[i] = 0.0;
+            for (((pr, gr), mr), vr) in p
+                .chunks_mut(d)
+                .zip(g.chunks_mut(d))
+                .zip(m.chunks_mut(d))
+                .zip(v.chunks_mut(d))
+            {
+                adam_step_seq(pr, gr, mr, vr, h);
+                let n = (dot(pr, pr) as f64).sqrt();
+                if n > 0.0 {
+                    let inv = (1.0 / n) as f32;
+                    pr.iter_mut().for_each(|x| *x *= inv);
+                }
             }
         });
 }
@@ -831,6 +867,44 @@ mod tests {
         for i in 0..n {
             assert!((p[i] - p2[i]).abs() < 1e-5, "{} {}", p[i], p2[i]);
         }
+    }
+
+    #[test]
+    fn adam_unit_rows_equals_adam_then_normalise() {
+        let mut r = Rng::new(6);
+        let (rows, d) = (50, 700);
+        let p0 = randn(&mut r, rows * d);
+        let g0 = randn(&mut r, rows * d);
+        let m0 = randn(&mut r, rows * d);
+        let v0: Vec<f32> = randn(&mut r, rows * d).iter().map(|x| x.abs()).collect();
+        let h = AdamHyper {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 7,
+            gscale: 0.5,
+        };
+        let (mut p1, mut g1, mut m1, mut v1) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
+        adam_step(&mut p1, &mut g1, &mut m1, &mut v1, h);
+        normalize_rows(&mut p1, d);
+        let (mut p2, mut g2, mut m2, mut v2) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
+        adam_step_unit_rows(&mut p2, &mut g2, &mut m2, &mut v2, h, d);
+        assert_eq!(p1, p2);
+        assert_eq!((m1, v1, g1), (m2, v2, g2));
+        // gscale is the same as scaling the gradient beforehand.
+        let (mut p3, mut m3, mut v3) = (p0.clone(), m0.clone(), v0.clone());
+        let mut g3: Vec<f32> = g0.iter().map(|x| x * 0.5).collect();
+        adam_step(
+            &mut p3,
+            &mut g3,
+            &mut m3,
+            &mut v3,
+            AdamHyper { gscale: 1.0, ..h },
+        );
+        let (mut p4, mut m4, mut v4, mut g4) = (p0.clone(), m0.clone(), v0.clone(), g0.clone());
+        adam_step(&mut p4, &mut g4, &mut m4, &mut v4, h);
+        assert_eq!(p3, p4);
     }
 
     #[test]

@@ -1195,12 +1195,14 @@ impl TrainSae {
             t: self.step as u64 + 1,
             gscale,
         };
-        for t in self.tensors.iter_mut() {
+        for (i, t) in self.tensors.iter_mut().enumerate() {
             let Tensor { p, g, m, v, .. } = t;
-            kernels::adam_step(p, g, m, v, h);
-        }
-        if unit {
-            kernels::normalize_rows(&mut self.tensors[W_DEC].p, d);
+            if i == W_DEC && unit {
+                // Renormalise each decoder row right after its update, while it is in cache.
+                kernels::adam_step_unit_rows(p, g, m, v, h, d);
+            } else {
+                kernels::adam_step(p, g, m, v, h);
+            }
         }
         if arch == Architecture::Jumprelu {
             // A raw threshold below 0 would let negative pre-activations through.
@@ -1552,5 +1554,86 @@ impl TrainSae {
             },
             metadata: self.cfg.metadata.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_schedule_step_by_step() {
+        let cfg = TrainConfig {
+            d_sae: 8,
+            k: 2,
+            lr: Some(1.0),
+            warmup_steps: 4,
+            decay_start: Some(6),
+            total_tokens: 10 * 2048,
+            ..Default::default()
+        };
+        let sae = TrainSae::new(&cfg, 4, 10).unwrap();
+        let got: Vec<f64> = (0..10).map(|s| sae.lr_at(s)).collect();
+        let want = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?}");
+        }
+        // The L1 warm-up s(t) = min(t / 2000, 1).
+        let mut s = TrainSae::new(
+            &TrainConfig {
+                architecture: Architecture::Standard,
+                d_sae: 8,
+                ..Default::default()
+            },
+            4,
+            10,
+        )
+        .unwrap();
+        s.step = 500;
+        assert!((s.l1_scale() - 0.25).abs() < 1e-12);
+        s.step = 5000;
+        assert_eq!(s.l1_scale(), 1.0);
+    }
+
+    #[test]
+    fn resampling_revives_dead_latents() {
+        let d = 6;
+        let cfg = TrainConfig {
+            architecture: Architecture::Standard,
+            d_sae: 12,
+            batch_size: 16,
+            resample_every: 4,
+            ..Default::default()
+        };
+        let mut sae = TrainSae::new(&cfg, d, 100).unwrap();
+        // Latents 0..6 can never fire: large negative bias, zero-gradient region.
+        for l in 0..6 {
+            sae.tensors[B_ENC].p[l] = -1e6;
+        }
+        let mut x = vec![0f32; 16 * d];
+        Rng::new(2).fill_normal(&mut x, 1.0);
+        let mut hooks = TrainHooks::default();
+        let mut reinit = 0;
+        for _ in 0..4 {
+            reinit += sae.train_step(&x, &mut hooks).unwrap().reinitialised;
+        }
+        assert!(reinit >= 6, "dead latents resampled at step 4: {reinit}");
+        for l in 0..6 {
+            assert_eq!(sae.tensors[B_ENC].p[l], 0.0);
+            assert!(
+                sae.tensors[B_ENC].m[l] == 0.0
+                    && sae.tensors[W_ENC].m[l * d..(l + 1) * d]
+                        .iter()
+                        .all(|&v| v == 0.0)
+            );
+            let n: f32 = sae.tensors[W_DEC].p[l * d..(l + 1) * d]
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt();
+            assert!((n - 1.0).abs() < 1e-5);
+        }
+        let fires = sae.train_step(&x, &mut hooks).unwrap();
+        assert!(fires.l0 > 0.0);
     }
 }
