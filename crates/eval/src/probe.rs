@@ -440,6 +440,10 @@ pub struct AdamProbeConfig {
     /// With a validation set: stop after this many epochs without improvement of the
     /// validation loss and keep the best epoch's weights.
     pub patience: Option<usize>,
+    /// Train on inputs divided by their per-column RMS over the training rows, then
+    /// map the weights back to raw inputs. Same function class, but Adam's step size
+    /// no longer depends on the activation scale (residual norms reach the hundreds).
+    pub scale_inputs: bool,
     pub seed: u64,
 }
 
@@ -455,6 +459,7 @@ impl Default for AdamProbeConfig {
             l1: 0.0,
             pos_weight: false,
             patience: None,
+            scale_inputs: false,
             seed: 0,
         }
     }
@@ -634,6 +639,9 @@ pub fn train_adam_probe(
     cfg: &AdamProbeConfig,
     val: Option<(&Design, &[f32])>,
 ) -> Result<LinearProbe> {
+    if cfg.scale_inputs {
+        return train_scaled(x, y, outputs, cfg, val);
+    }
     let (n, d, k) = (x.n(), x.d(), outputs);
     if y.len() != n * k {
         bail!("probe: labels are not [{n}, {k}] ({} values)", y.len());
@@ -724,6 +732,87 @@ pub fn train_adam_probe(
         Some((_, p)) => p,
         None => probe,
     })
+}
+
+/// Per-column RMS over all rows (1 for all-zero columns).
+pub fn column_rms(x: &Design) -> Vec<f32> {
+    let mut s = vec![0f64; x.d()];
+    for i in 0..x.n() {
+        x.for_row(i, |j, v| s[j] += (v as f64) * (v as f64));
+    }
+    s.iter()
+        .map(|&v| {
+            let r = (v / x.n().max(1) as f64).sqrt();
+            if r > 0.0 && r.is_finite() {
+                r as f32
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// A copy of `x` with column `j` divided by `s[j]`: dense data or sparse codes.
+fn scaled_copy(x: &Design, s: &[f32]) -> (Vec<f32>, Option<SparseCodes>) {
+    match x {
+        Design::Dense { x, d, .. } => {
+            let mut v = x.to_vec();
+            for row in v.chunks_exact_mut(*d) {
+                for (a, sj) in row.iter_mut().zip(s) {
+                    *a /= sj;
+                }
+            }
+            (v, None)
+        }
+        Design::Sparse(c) => {
+            let mut c2 = (*c).clone();
+            for (j, v) in c2.idx.iter().zip(c2.val.iter_mut()) {
+                *v /= s[*j as usize];
+            }
+            (Vec::new(), Some(c2))
+        }
+    }
+}
+
+fn train_scaled(
+    x: &Design,
+    y: &[f32],
+    outputs: usize,
+    cfg: &AdamProbeConfig,
+    val: Option<(&Design, &[f32])>,
+) -> Result<LinearProbe> {
+    let s = column_rms(x);
+    let (xd, xc) = scaled_copy(x, &s);
+    let xs = match &xc {
+        Some(c) => Design::Sparse(c),
+        None => Design::dense(&xd, x.n(), x.d()),
+    };
+    let vs = val.map(|(v, yv)| (scaled_copy(v, &s), v.n(), v.d(), yv));
+    let vdes = vs.as_ref().map(|((vd, vc), n, d, yv)| {
+        let des = match vc {
+            Some(c) => Design::Sparse(c),
+            None => Design::dense(vd, *n, *d),
+        };
+        (des, *yv)
+    });
+    let inner = AdamProbeConfig {
+        scale_inputs: false,
+        ..cfg.clone()
+    };
+    let mut p = train_adam_probe(
+        &xs,
+        y,
+        outputs,
+        &inner,
+        vdes.as_ref().map(|(d, yv)| (d, *yv)),
+    )?;
+    // z = sum_j w_j (x_j / s_j) + b: raw-input weights are w_j / s_j.
+    for row in p.w.chunks_exact_mut(p.d) {
+        for (w, sj) in row.iter_mut().zip(&s) {
+            *w /= sj;
+        }
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -917,6 +1006,32 @@ mod tests {
         let pred: Vec<bool> = z.iter().map(|v| *v > 0.0).collect();
         let acc = accuracy(&pred, &yt);
         assert!(acc > 0.95, "accuracy {acc}");
+    }
+
+    #[test]
+    fn scaled_training_handles_huge_inputs_and_maps_weights_back() {
+        // One informative column scaled by 1e3 next to a huge uninformative one.
+        let (n, d) = (600, 8);
+        let (mut x, yb) = blobs(n, d, 4.0, 51);
+        for i in 0..n {
+            x[i * d] *= 1e3;
+            x[i * d + 1] = 500.0 + x[i * d + 1];
+        }
+        let y: Vec<f32> = yb.iter().map(|&v| v as u8 as f32).collect();
+        let codes = SparseCodes::from_dense(&x, n, d);
+        let cfg = AdamProbeConfig {
+            epochs: 30,
+            batch: 32,
+            scale_inputs: true,
+            seed: 5,
+            ..Default::default()
+        };
+        for des in [Design::dense(&x, n, d), Design::Sparse(&codes)] {
+            let p = train_adam_probe(&des, &y, 1, &cfg, None).unwrap();
+            let z = p.logits(&des, None);
+            let acc = accuracy(&z.iter().map(|v| *v > 0.0).collect::<Vec<_>>(), &yb);
+            assert!(acc > 0.95, "scaled accuracy {acc}");
+        }
     }
 
     #[test]

@@ -252,6 +252,7 @@ fn probe_task(
         decoupled: true,
         weight_decay: 1e-2,
         patience: Some(cfg.probe_patience),
+        scale_inputs: true,
         seed,
         ..Default::default()
     };
@@ -442,6 +443,10 @@ pub fn run_sparse_probing(
         (
             "model_selection",
             J::str("early stopping on the validation split; test used only for reporting"),
+        ),
+        (
+            "full_probe_inputs",
+            J::str("divided by per-dimension RMS of the train split (weights mapped back)"),
         ),
     ]);
     Ok(EvalResult {
