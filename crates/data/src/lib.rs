@@ -14,7 +14,7 @@
 //!   [`packing::Packer`] streams, [`packing::pack_dataset`] / [`packing::pack_tokens`]
 //!   pack at once.
 //! - [`store`]: the activation store directory (manifest + raw little-endian shards in
-//!   f32/bf16/f16 + u32 token ids). [`store::StoreWriter`] writes shard by shard
+//!   f32/bf16/f16 + u32 token id and u64 stream position per row). [`store::StoreWriter`] writes shard by shard
 //!   atomically and resumes after an interruption; [`store::ActivationStore`] maps it
 //!   read-only and verifies sizes (and XXH64 checksums on demand);
 //!   [`store::SequentialReader`] and [`store::ShuffledReader`] implement
