@@ -363,6 +363,13 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+impl SyncPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The sparse decoder's backward in latent-major order, so each decoder row (and its
 /// gradient row) is read once per step instead of once per entry:
 /// `grad_val[p] += <dy_row(r_p, l), W[l]>` and `grad_w[l] += val[p] * dy_row(r_p, l)`.
@@ -385,7 +392,6 @@ pub fn decoder_backward(
         .with_min_len(64)
         .enumerate()
         .for_each(|(l, (g, wl))| {
-            let gv = gv;
             let off_l = dy_off(l as u32);
             for q in csc.ptr[l]..csc.ptr[l + 1] {
                 let p = csc.ent[q] as usize;
@@ -393,7 +399,7 @@ pub fn decoder_backward(
                 let dyr = &dy[off..off + d];
                 // Safety: every entry p belongs to exactly one latent, so tasks write disjoint
                 // elements of grad_val, which outlives this call.
-                unsafe { *gv.0.add(p) += dot(dyr, wl) };
+                unsafe { *gv.get().add(p) += dot(dyr, wl) };
                 let c = val[p];
                 if c != 0.0 {
                     axpy(c, dyr, g);
