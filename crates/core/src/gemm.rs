@@ -670,10 +670,36 @@ mod tests {
                 driver::gemm_blocked::<portable::Portable, _>(m, n, k, alpha, av, bv, beta, cv, 1)
             };
         }
-        for &(m, k, n) in &[(1, 1, 1), (9, 17, 15), (70, 300, 20)] {
+        // The baseline body (what a CPU without AVX2/FMA runs), also threaded.
+        fn baseline(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+            let (m, k, n) = (a.rows, a.cols, b.cols);
+            let av = driver::View {
+                ptr: a.data.as_ptr(),
+                rs: a.rs,
+                cs: a.cs,
+            };
+            let bv = driver::View {
+                ptr: b.data.as_ptr(),
+                rs: b.rs,
+                cs: b.cs,
+            };
+            let cv = driver::ViewMut {
+                ptr: c.data.as_mut_ptr(),
+                rs: c.rs,
+                cs: c.cs,
+            };
+            unsafe {
+                driver::gemm_blocked::<portable::PortableBaseline, _>(
+                    m, n, k, alpha, av, bv, beta, cv, 2,
+                )
+            };
+        }
+        for &(m, k, n) in &[(1, 1, 1), (9, 17, 15), (70, 300, 20), (100, 40, 90)] {
             for &(ta, tb) in &TRANSPOSES {
-                check_with(portable, m, k, n, ta, tb, 1.0, 0.0);
-                check_with(portable, m, k, n, ta, tb, 0.5, 1.0);
+                for f in [portable as GemmFn, baseline] {
+                    check_with(f, m, k, n, ta, tb, 1.0, 0.0);
+                    check_with(f, m, k, n, ta, tb, 0.5, 1.0);
+                }
             }
         }
     }
