@@ -350,10 +350,13 @@ class Batches:
         return self.x.index_select(0, idx)
 
 
-def timed_loop(steps, batches, update):
-    """Run `update(step, x)` for every step; time the update and the batch gather apart."""
+def timed_loop(steps, batches, update, profile=False):
+    """Run `update(step, x)` for every step; time the update and the batch gather apart.
+    With `profile`, step 1 runs under torch.profiler (its top operators are returned; the
+    profiler's overhead is then part of that step's time)."""
     t_step = []
     t_gather = 0.0
+    top_ops = None
     c0 = time.process_time()
     w0 = time.perf_counter()
     last = None
@@ -361,14 +364,27 @@ def timed_loop(steps, batches, update):
         t = time.perf_counter()
         x = batches.next()
         t_gather += time.perf_counter() - t
+        if profile and step == 1:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as tprofile
+
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.perf_counter()
+                last = update(step, x)
+                t_step.append(time.perf_counter() - t)
+            ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+            top_ops = [dict(op=e.key, self_cpu_s=e.self_cpu_time_total / 1e6, calls=e.count) for e in ev]
+            continue
         t = time.perf_counter()
         last = update(step, x)
         t_step.append(time.perf_counter() - t)
     wall = time.perf_counter() - w0
     cpu = time.process_time() - c0
     tokens = steps * batches.batch
-    steady = t_step[2:] if len(t_step) > 4 else t_step
+    # Steady state: without step 0 (geometric-median / mean b_dec initialisation).
+    steady = t_step[1:] if len(t_step) > 1 else t_step
     return dict(
+        profile_step1_top_ops=top_ops,
         steps=steps,
         tokens=tokens,
         step_seconds=sum(t_step),
@@ -389,11 +405,10 @@ def topk_lr(f):
     return 2e-4 / math.sqrt(f / 2**14)
 
 
-def train_dl_topk(x_train, a):
+def train_dl_topk(x_train, a, steps):
     from dictionary_learning.trainers.top_k import TopKTrainer
 
     torch.manual_seed(a.seed)
-    steps = a.tokens // a.batch
     tr = TopKTrainer(
         steps=steps,
         activation_dim=x_train.shape[1],
@@ -408,7 +423,7 @@ def train_dl_topk(x_train, a):
         seed=a.seed,
         device="cpu",
     )
-    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), tr.update)
+    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), tr.update, a.profile)
     ae = tr.ae
     params = dict(
         W_enc=ae.encoder.weight.detach().T.contiguous(),
@@ -423,11 +438,10 @@ def train_dl_topk(x_train, a):
     return timing, params
 
 
-def train_dl_standard(x_train, a):
+def train_dl_standard(x_train, a, steps):
     from dictionary_learning.trainers.standard import StandardTrainer
 
     torch.manual_seed(a.seed)
-    steps = a.tokens // a.batch
     tr = StandardTrainer(
         steps=steps,
         activation_dim=x_train.shape[1],
@@ -442,7 +456,7 @@ def train_dl_standard(x_train, a):
         seed=a.seed,
         device="cpu",
     )
-    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), tr.update)
+    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), tr.update, a.profile)
     ae = tr.ae
     params = dict(
         W_enc=ae.encoder.weight.detach().T.contiguous(),
@@ -457,12 +471,11 @@ def train_dl_standard(x_train, a):
     return timing, params
 
 
-def train_sparsify(x_train, a, bf16):
+def train_sparsify(x_train, a, steps, bf16):
     from sparsify.config import SparseCoderConfig
     from sparsify.sparse_coder import SparseCoder
 
     torch.manual_seed(a.seed)
-    steps = a.tokens // a.batch
     d = x_train.shape[1]
     sae = SparseCoder(d, SparseCoderConfig(num_latents=a.d_sae, k=a.k), device="cpu", dtype=torch.float32)
     adam = torch.optim.Adam(sae.parameters(), lr=topk_lr(a.d_sae), betas=(0.9, 0.999))
@@ -503,7 +516,7 @@ def train_sparsify(x_train, a, bf16):
             did_fire.zero_()
         return loss.item()
 
-    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), update)
+    timing = timed_loop(steps, Batches(x_train, a.batch, a.seed), update, a.profile)
     params = dict(
         W_enc=sae.encoder.weight.detach().T.contiguous(),
         b_enc=sae.encoder.bias.detach(),
@@ -517,10 +530,10 @@ def train_sparsify(x_train, a, bf16):
     return timing, params
 
 
-def run_saelab(train_store, out_dir, a, standard):
+def run_saelab(train_store, out_dir, a, steps, standard):
     sets = [
         f"d_sae={a.d_sae}",
-        f"total_tokens={a.tokens}",
+        f"total_tokens={steps * a.batch}",
         f"batch_size={a.batch}",
         f"warmup_steps={a.warmup}",
         f"seed={a.seed}",
@@ -578,13 +591,17 @@ def markdown(res):
         rows = [(n, res["runs"][n]) for n in names if n in res["runs"]]
         if not rows:
             continue
-        lines.append(f"**{group}**, d_in {res['d_in']}, F {res['d_sae']}, B {res['batch']}, {res['tokens']} tokens:\n")
-        lines.append("| trainer | tokens/s (loop) | tokens/s (update only) | tokens/CPU-s | FVE (held-out) | L0 | dead frac |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines.append(f"**{group}**, d_in {res['d_in']}, F {res['d_sae']}, B {res['batch']}:\n")
+        lines.append(
+            "| trainer | steps | tokens/s (loop) | tokens/s (update only) | tokens/s (update, excl. step 0) "
+            "| tokens/CPU-s | FVE (held-out) | L0 | dead frac |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n, r in rows:
             t, q = r["timing"], r.get("quality") or {}
             lines.append(
-                f"| {n} | {fmt(t.get('tokens_per_s_loop'), '.0f')} | {fmt(t.get('tokens_per_s_step'), '.0f')} | "
+                f"| {n} | {t['steps']} | {fmt(t.get('tokens_per_s_loop'), '.0f')} | {fmt(t.get('tokens_per_s_step'), '.0f')} | "
+                f"{fmt(t.get('tokens_per_s_steady_step'), '.0f')} | "
                 f"{fmt(t.get('tokens_per_cpu_s'), '.0f')} | {fmt(q.get('fve'), '.4f')} | {fmt(q.get('l0'), '.1f')} | "
                 f"{fmt(q.get('dead_fraction'), '.4f')} |"
             )
@@ -613,6 +630,9 @@ def main():
     ap.add_argument("--sparsify-own-schedule", action="store_true", help="sparsify: linear decay to 0 as its trainer")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps-for", action="append", default=[], metavar="PEER=STEPS", help="speed runs: train PEER for STEPS steps instead of tokens/batch (then its quality is not comparable; use --no-eval)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (speed runs)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler on step 1 of the Python peers (top operators into the JSON)")
     ap.add_argument("--json", help="write results JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     a = ap.parse_args()
@@ -623,6 +643,12 @@ def main():
         if p not in ALL_PEERS:
             raise SystemExit(f"unknown peer {p!r}; choose from {', '.join(ALL_PEERS)}")
     os.makedirs(a.work, exist_ok=True)
+    steps_for = {}
+    for item in a.steps_for:
+        name, _, v = item.partition("=")
+        if name not in ALL_PEERS or not v.isdigit() or int(v) < 1:
+            raise SystemExit(f"--steps-for {item!r}: expected PEER=STEPS with PEER in {', '.join(ALL_PEERS)}")
+        steps_for[name] = int(v)
     if a.tokens % a.batch:
         raise SystemExit("--tokens must be a multiple of --batch")
 
@@ -666,20 +692,22 @@ def main():
         threads=a.threads,
         torch=torch.__version__,
         speed_only=bool(a.synthetic),
+        steps_for=steps_for,
         command=" ".join(sys.argv),
         runs={},
     )
     for p in peers:
-        print(f"== {p}", flush=True)
+        steps = steps_for.get(p, a.tokens // a.batch)
+        print(f"== {p}: {steps} steps", flush=True)
         if p == "dl_topk":
-            timing, params = train_dl_topk(x_train, a)
+            timing, params = train_dl_topk(x_train, a, steps)
         elif p == "dl_standard":
-            timing, params = train_dl_standard(x_train, a)
+            timing, params = train_dl_standard(x_train, a, steps)
         elif p in ("sparsify", "sparsify_bf16"):
-            timing, params = train_sparsify(x_train, a, bf16=p.endswith("bf16"))
+            timing, params = train_sparsify(x_train, a, steps, bf16=p.endswith("bf16"))
         else:
-            timing, params = run_saelab(train_store, os.path.join(a.work, p), a, standard=(p == "saelab_standard"))
-        quality = evaluate(params, x_eval) if x_eval is not None else None
+            timing, params = run_saelab(train_store, os.path.join(a.work, p), a, steps, standard=(p == "saelab_standard"))
+        quality = evaluate(params, x_eval) if x_eval is not None and not a.no_eval else None
         res["runs"][p] = dict(timing=timing, quality=quality)
         print(json.dumps(res["runs"][p]), flush=True)
         del params
@@ -699,7 +727,7 @@ def main():
         ratios[f"{ours} tokens/CPU-s / best peer ({best_cpu})"] = (
             res["runs"][ours]["timing"]["tokens_per_cpu_s"] / res["runs"][best_cpu]["timing"]["tokens_per_cpu_s"]
         )
-        if x_eval is not None:
+        if all(res["runs"][n]["quality"] for n in others + [ours]):
             bq = max(others, key=lambda n: res["runs"][n]["quality"]["fve"])
             ratios[f"{ours} FVE / best peer FVE ({bq})"] = res["runs"][ours]["quality"]["fve"] / res["runs"][bq]["quality"]["fve"]
     res["ratios"] = ratios

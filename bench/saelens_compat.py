@@ -170,6 +170,7 @@ def main():
     ap.add_argument("--d-sae", type=int, default=1024)
     ap.add_argument("--train-tokens", type=int, default=20480)
     ap.add_argument("--model", default="default", help="model for `saelab eval` (a .gguf path or `default`)")
+    ap.add_argument("--hook", default="blocks.14.hook_resid_post", help="hook of --store (written into the tiny SAEs' metadata)")
     ap.add_argument("--cache-dir", help="saelab eval activation cache directory")
     ap.add_argument("--skip-eval", action="store_true", help="skip the `saelab eval --evals core` round trip")
     ap.add_argument("--rows", type=int, default=512, help="random input rows")
@@ -197,6 +198,8 @@ def main():
                 "threshold_start_step=5",
                 "checkpoint_every=0",
                 "hist_every=0",
+                f'metadata.hook_name="{a.hook}"',
+                'metadata.model_name="SmolLM2-135M-Instruct"',
             ]:
                 cmd += ["--set", s]
             run(cmd, env=dict(os.environ, RAYON_NUM_THREADS=str(a.threads)))
