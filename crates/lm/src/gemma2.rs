@@ -6,7 +6,7 @@
 //! Norm weights: Hugging Face stores `w` and computes `x̂ * (1 + w)`; llama.cpp's converter
 //! already stores `1 + w` in GGUF. Both are turned into the effective multiplier at load.
 
-use crate::ops::{self, AttnParams, Rope};
+use crate::ops::{self, AttnParams, Mat, Rope};
 use crate::weights::Source;
 use crate::{Layer, ModelConfig, Weights, Workspace};
 use anyhow::Result;
@@ -34,18 +34,19 @@ pub(crate) fn load_gguf(src: &Source, c: &ModelConfig) -> Result<Weights> {
                 t("attn_q", &[nh * hd, d])?,
                 t("attn_k", &[nkv * hd, d])?,
                 t("attn_v", &[nkv * hd, d])?,
-            ]),
-            wo: t("attn_output", &[d, nh * hd])?,
+            ])
+            .into(),
+            wo: t("attn_output", &[d, nh * hd])?.into(),
             post_attn_norm: Some(t("post_attention_norm", &[d])?),
             ffn_norm: t("ffn_norm", &[d])?,
-            w_gate_up: concat(&[t("ffn_gate", &[ff, d])?, t("ffn_up", &[ff, d])?]),
-            w_down: t("ffn_down", &[d, ff])?,
+            w_gate_up: concat(&[t("ffn_gate", &[ff, d])?, t("ffn_up", &[ff, d])?]).into(),
+            w_down: t("ffn_down", &[d, ff])?.into(),
             post_ffn_norm: Some(t("post_ffw_norm", &[d])?),
         });
     }
-    let embed = src.tensor("token_embd.weight", &[c.vocab_size, d])?;
+    let embed: Mat = src.tensor("token_embd.weight", &[c.vocab_size, d])?.into();
     let lm_head = if src.has("output.weight") {
-        Some(src.tensor("output.weight", &[c.vocab_size, d])?)
+        Some(src.tensor("output.weight", &[c.vocab_size, d])?.into())
     } else {
         None
     };
@@ -70,18 +71,21 @@ pub(crate) fn load_hf(src: &Source, c: &ModelConfig) -> Result<Weights> {
                 t("self_attn.q_proj", &[nh * hd, d])?,
                 t("self_attn.k_proj", &[nkv * hd, d])?,
                 t("self_attn.v_proj", &[nkv * hd, d])?,
-            ]),
-            wo: t("self_attn.o_proj", &[d, nh * hd])?,
+            ])
+            .into(),
+            wo: t("self_attn.o_proj", &[d, nh * hd])?.into(),
             post_attn_norm: Some(plus_one(t("post_attention_layernorm", &[d])?)),
             ffn_norm: plus_one(t("pre_feedforward_layernorm", &[d])?),
-            w_gate_up: concat(&[t("mlp.gate_proj", &[ff, d])?, t("mlp.up_proj", &[ff, d])?]),
-            w_down: t("mlp.down_proj", &[d, ff])?,
+            w_gate_up: concat(&[t("mlp.gate_proj", &[ff, d])?, t("mlp.up_proj", &[ff, d])?]).into(),
+            w_down: t("mlp.down_proj", &[d, ff])?.into(),
             post_ffn_norm: Some(plus_one(t("post_feedforward_layernorm", &[d])?)),
         });
     }
-    let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
+    let embed: Mat = src
+        .tensor("model.embed_tokens.weight", &[c.vocab_size, d])?
+        .into();
     let lm_head = if !c.tied_embeddings && src.has("lm_head.weight") {
-        Some(src.tensor("lm_head.weight", &[c.vocab_size, d])?)
+        Some(src.tensor("lm_head.weight", &[c.vocab_size, d])?.into())
     } else {
         None
     };

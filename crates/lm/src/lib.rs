@@ -22,7 +22,7 @@ pub use hooks::{HookKind, HookPoint, Hooks};
 pub use tokenizer::Tokenizer;
 
 use anyhow::{bail, Context, Result};
-use ops::{AttnScratch, Rope};
+use ops::{AttnScratch, Mat, Rope};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -72,25 +72,81 @@ pub struct ModelConfig {
 pub(crate) struct Layer {
     pub attn_norm: Vec<f32>,
     /// `[(nh + 2*nkv) * hd, d]`: q rows, then k rows, then v rows.
-    pub wqkv: Vec<f32>,
+    pub wqkv: Mat,
     /// `[d, nh*hd]`
-    pub wo: Vec<f32>,
+    pub wo: Mat,
     pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     /// `[2*ff, d]`: gate rows, then up rows.
-    pub w_gate_up: Vec<f32>,
+    pub w_gate_up: Mat,
     /// `[d, ff]`
-    pub w_down: Vec<f32>,
+    pub w_down: Mat,
     pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 pub(crate) struct Weights {
     /// `[vocab, d]`
-    pub embed: Vec<f32>,
+    pub embed: Mat,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// `[vocab, d]`, None when tied to the embedding.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Mat>,
+}
+
+impl Weights {
+    /// Convert every matrix to `dtype` storage (norm vectors stay f32).
+    fn convert(self, dtype: WeightDtype) -> Weights {
+        if dtype == WeightDtype::F32 {
+            return self;
+        }
+        Weights {
+            embed: self.embed.to_bf16(),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| Layer {
+                    wqkv: l.wqkv.to_bf16(),
+                    wo: l.wo.to_bf16(),
+                    w_gate_up: l.w_gate_up.to_bf16(),
+                    w_down: l.w_down.to_bf16(),
+                    ..l
+                })
+                .collect(),
+            final_norm: self.final_norm,
+            lm_head: self.lm_head.map(Mat::to_bf16),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let mut b = self.embed.bytes()
+            + self.lm_head.as_ref().map_or(0, Mat::bytes)
+            + self.final_norm.len() * 4;
+        for l in &self.layers {
+            b += l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes();
+            b += 4 * (l.attn_norm.len() + l.ffn_norm.len());
+            b += 4
+                * (l.post_attn_norm.as_ref().map_or(0, Vec::len)
+                    + l.post_ffn_norm.as_ref().map_or(0, Vec::len));
+        }
+        b
+    }
+}
+
+/// How weight matrices are stored in memory. Compute is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// f32 (default): exact dequantised weights.
+    #[default]
+    F32,
+    /// bf16 storage, widened to f32 inside the GEMM: half the memory, weights rounded to
+    /// 8 significant bits.
+    Bf16,
+}
+
+/// Options of [`Model::load_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    pub weights: WeightDtype,
 }
 
 /// Reusable activation buffers of one forward (grown on demand, never shrunk).
@@ -144,6 +200,11 @@ pub struct Model {
 impl Model {
     /// Load a `.gguf` file, or a directory with config.json + *.safetensors + tokenizer.json.
     pub fn load(path: &Path) -> Result<Model> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options (e.g. bf16 weight storage).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let (mut config, tokenizer, weights) = if path.is_dir() {
             load_safetensors_dir(path)?
         } else {
@@ -152,6 +213,7 @@ impl Model {
         // The rotary table is precomputed; cap it so huge advertised contexts cost no memory.
         config.max_seq = config.max_seq.min(MAX_ROPE_POSITIONS);
         let rope = Rope::new(config.head_dim, config.rope_theta, config.max_seq);
+        let weights = weights.convert(opts.weights);
         Ok(Model {
             config,
             tokenizer,
@@ -167,6 +229,11 @@ impl Model {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Bytes held by the weights (matrices and norm vectors).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
     }
 
     /// Run `tokens` (row-major `[batch, seq]`, causal within each row, positions `0..seq`)
@@ -237,10 +304,7 @@ impl Model {
             Arch::Llama => 1.0,
         };
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
-            let e = &self.weights.embed[t as usize * d..(t as usize + 1) * d];
-            for (o, &v) in row.iter_mut().zip(e) {
-                *o = v * emb_scale;
-            }
+            self.weights.embed.row_into(t as usize, row, emb_scale);
         }
 
         for l in 0..c.n_layers {
@@ -298,11 +362,7 @@ impl Model {
             let v = c.vocab_size;
             let h = &mut ws.h[..rows * d];
             ops::rmsnorm(&x, &self.weights.final_norm, c.rms_eps, h);
-            let head = self
-                .weights
-                .lm_head
-                .as_deref()
-                .unwrap_or(&self.weights.embed);
+            let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
             let mut logits = vec![0f32; rows * v];
             ops::linear(h, rows, head, v, d, &mut logits);
             if let Some(cap) = c.final_softcap {

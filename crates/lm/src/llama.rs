@@ -6,7 +6,7 @@
 //! so one half-split rotary kernel serves GGUF and Hugging Face weights alike and captured
 //! activations equal the reference's.
 
-use crate::ops::{self, AttnParams, Rope};
+use crate::ops::{self, AttnParams, Mat, Rope};
 use crate::weights::Source;
 use crate::{Layer, ModelConfig, Weights, Workspace};
 use anyhow::Result;
@@ -46,18 +46,18 @@ pub(crate) fn load_gguf(src: &Source, c: &ModelConfig) -> Result<Weights> {
         let v = t("attn_v", &[nkv * hd, d])?;
         layers.push(Layer {
             attn_norm: t("attn_norm", &[d])?,
-            wqkv: concat(&[q, k, v]),
-            wo: t("attn_output", &[d, nh * hd])?,
+            wqkv: concat(&[q, k, v]).into(),
+            wo: t("attn_output", &[d, nh * hd])?.into(),
             post_attn_norm: None,
             ffn_norm: t("ffn_norm", &[d])?,
-            w_gate_up: concat(&[t("ffn_gate", &[ff, d])?, t("ffn_up", &[ff, d])?]),
-            w_down: t("ffn_down", &[d, ff])?,
+            w_gate_up: concat(&[t("ffn_gate", &[ff, d])?, t("ffn_up", &[ff, d])?]).into(),
+            w_down: t("ffn_down", &[d, ff])?.into(),
             post_ffn_norm: None,
         });
     }
-    let embed = src.tensor("token_embd.weight", &[c.vocab_size, d])?;
+    let embed: Mat = src.tensor("token_embd.weight", &[c.vocab_size, d])?.into();
     let lm_head = if src.has("output.weight") {
-        Some(src.tensor("output.weight", &[c.vocab_size, d])?)
+        Some(src.tensor("output.weight", &[c.vocab_size, d])?.into())
     } else {
         None
     };
@@ -82,18 +82,21 @@ pub(crate) fn load_hf(src: &Source, c: &ModelConfig) -> Result<Weights> {
                 t("self_attn.q_proj", &[nh * hd, d])?,
                 t("self_attn.k_proj", &[nkv * hd, d])?,
                 t("self_attn.v_proj", &[nkv * hd, d])?,
-            ]),
-            wo: t("self_attn.o_proj", &[d, nh * hd])?,
+            ])
+            .into(),
+            wo: t("self_attn.o_proj", &[d, nh * hd])?.into(),
             post_attn_norm: None,
             ffn_norm: t("post_attention_layernorm", &[d])?,
-            w_gate_up: concat(&[t("mlp.gate_proj", &[ff, d])?, t("mlp.up_proj", &[ff, d])?]),
-            w_down: t("mlp.down_proj", &[d, ff])?,
+            w_gate_up: concat(&[t("mlp.gate_proj", &[ff, d])?, t("mlp.up_proj", &[ff, d])?]).into(),
+            w_down: t("mlp.down_proj", &[d, ff])?.into(),
             post_ffn_norm: None,
         });
     }
-    let embed = src.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
+    let embed: Mat = src
+        .tensor("model.embed_tokens.weight", &[c.vocab_size, d])?
+        .into();
     let lm_head = if !c.tied_embeddings && src.has("lm_head.weight") {
-        Some(src.tensor("lm_head.weight", &[c.vocab_size, d])?)
+        Some(src.tensor("lm_head.weight", &[c.vocab_size, d])?.into())
     } else {
         None
     };

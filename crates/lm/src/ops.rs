@@ -5,8 +5,58 @@
 //! Activations are row-major `[rows, width]` f32 buffers; weights are PyTorch-layout
 //! `[out, in]` matrices, so a linear layer is `y = x W^T` with `W^T` a free strided view.
 
+use half::bf16;
 use rayon::prelude::*;
-use saelab_core::gemm::{gemm, MatMut, MatRef};
+use saelab_core::gemm::{gemm, gemm_bf16b, gemm_serial, BfMatRef, MatMut, MatRef};
+
+/// A weight matrix `[out, in]`, row-major, stored as f32 or bf16. bf16 storage halves the
+/// memory of the weights; products and sums stay f32 (the GEMM widens bf16 while packing,
+/// this CPU has no bf16 arithmetic).
+pub enum Mat {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl From<Vec<f32>> for Mat {
+    fn from(v: Vec<f32>) -> Mat {
+        Mat::F32(v)
+    }
+}
+
+impl Mat {
+    /// The same matrix stored as bf16 (round to nearest even).
+    pub fn to_bf16(self) -> Mat {
+        match self {
+            Mat::F32(v) => Mat::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            m => m,
+        }
+    }
+
+    /// Copy row `r` (of width `out.len()`) as f32 into `out`, times `scale`.
+    pub fn row_into(&self, r: usize, out: &mut [f32], scale: f32) {
+        let d = out.len();
+        match self {
+            Mat::F32(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[r * d..(r + 1) * d]) {
+                    *o = x * scale;
+                }
+            }
+            Mat::Bf16(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[r * d..(r + 1) * d]) {
+                    *o = x.to_f32() * scale;
+                }
+            }
+        }
+    }
+
+    /// Bytes of storage.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Mat::F32(v) => v.len() * 4,
+            Mat::Bf16(v) => v.len() * 2,
+        }
+    }
+}
 
 /// `out[r] = x[r] / rms(x[r]) * w` (w is the effective multiplier: Gemma's `1 + w` is folded
 /// in at load). The mean square is accumulated in f64-free f32 pairs of lanes; d is small.
@@ -30,30 +80,44 @@ pub fn rmsnorm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `y[rows, out] = x[rows, in] W^T` with W `[out, in]` row-major.
-pub fn linear(x: &[f32], rows: usize, w: &[f32], n_out: usize, n_in: usize, y: &mut [f32]) {
+/// `y[rows, out] = x[rows, in] W^T + beta * y` with W `[out, in]` row-major.
+fn linear_beta(
+    x: &[f32],
+    rows: usize,
+    w: &Mat,
+    n_out: usize,
+    n_in: usize,
+    beta: f32,
+    y: &mut [f32],
+) {
     let a = MatRef::row_major(&x[..rows * n_in], rows, n_in);
-    let b = MatRef::row_major(&w[..n_out * n_in], n_out, n_in).t();
-    gemm(
-        1.0,
-        a,
-        b,
-        0.0,
-        MatMut::row_major(&mut y[..rows * n_out], rows, n_out),
-    );
+    let c = MatMut::row_major(&mut y[..rows * n_out], rows, n_out);
+    match w {
+        Mat::F32(w) => gemm(
+            1.0,
+            a,
+            MatRef::row_major(&w[..n_out * n_in], n_out, n_in).t(),
+            beta,
+            c,
+        ),
+        Mat::Bf16(w) => gemm_bf16b(
+            1.0,
+            a,
+            BfMatRef::row_major(&w[..n_out * n_in], n_out, n_in).t(),
+            beta,
+            c,
+        ),
+    }
+}
+
+/// `y[rows, out] = x[rows, in] W^T` with W `[out, in]` row-major.
+pub fn linear(x: &[f32], rows: usize, w: &Mat, n_out: usize, n_in: usize, y: &mut [f32]) {
+    linear_beta(x, rows, w, n_out, n_in, 0.0, y)
 }
 
 /// `y += x W^T` (accumulate into the residual stream).
-pub fn linear_acc(x: &[f32], rows: usize, w: &[f32], n_out: usize, n_in: usize, y: &mut [f32]) {
-    let a = MatRef::row_major(&x[..rows * n_in], rows, n_in);
-    let b = MatRef::row_major(&w[..n_out * n_in], n_out, n_in).t();
-    gemm(
-        1.0,
-        a,
-        b,
-        1.0,
-        MatMut::row_major(&mut y[..rows * n_out], rows, n_out),
-    );
+pub fn linear_acc(x: &[f32], rows: usize, w: &Mat, n_out: usize, n_in: usize, y: &mut [f32]) {
+    linear_beta(x, rows, w, n_out, n_in, 1.0, y)
 }
 
 /// Rotary embedding tables for positions `0..max_pos`: `cos[p * half + i]`, `sin[...]`,
@@ -298,7 +362,7 @@ pub fn attention(
             let q = view(h * hd);
             let k = view((nh + g) * hd);
             let v = view((nh + nkv + g) * hd);
-            gemm(p.scale, q, k.t(), 0.0, MatMut::row_major(sc, seq, seq));
+            gemm_serial(p.scale, q, k.t(), 0.0, MatMut::row_major(sc, seq, seq));
             for i in 0..seq {
                 let row = &mut sc[i * seq..(i + 1) * seq];
                 let lo = match p.window {
@@ -314,7 +378,7 @@ pub fn attention(
                 row[..lo].fill(0.0);
                 row[i + 1..].fill(0.0);
             }
-            gemm(
+            gemm_serial(
                 1.0,
                 MatRef::row_major(sc, seq, seq),
                 v,

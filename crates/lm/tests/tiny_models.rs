@@ -602,3 +602,45 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.contains("missing.gguf"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bf16_weight_storage_halves_memory_and_stays_close() {
+    use saelab_lm::{LoadOptions, WeightDtype};
+    for gemma in [false, true] {
+        let dir = write_hf_dir(if gemma { "bf16g" } else { "bf16l" }, gemma);
+        let f = Model::load(&dir).unwrap();
+        let b = Model::load_with(
+            &dir,
+            &LoadOptions {
+                weights: WeightDtype::Bf16,
+            },
+        )
+        .unwrap();
+        let ratio = b.weight_bytes() as f64 / f.weight_bytes() as f64;
+        assert!(
+            (0.5..0.55).contains(&ratio),
+            "bf16/f32 weight bytes {ratio}"
+        );
+        let toks = tokens(&f, 2, 7);
+        let hp = HookPoint::new(2, HookKind::ResidPost);
+        let a = f
+            .forward(&toks, 2, 7, &mut Hooks::new().capture(hp))
+            .unwrap();
+        let c = b
+            .forward(&toks, 2, 7, &mut Hooks::new().capture(hp))
+            .unwrap();
+        let rel = |x: &[f32], y: &[f32]| {
+            let num: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+            let den: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
+            (num / den).sqrt()
+        };
+        // bf16 keeps 8 significant bits (relative rounding <= 2^-9 per weight).
+        let e1 = rel(&c.captured[&hp], &a.captured[&hp]);
+        let e2 = rel(c.logits.as_ref().unwrap(), a.logits.as_ref().unwrap());
+        assert!(
+            e1 > 0.0 && e1 < 2e-2 && e2 < 2e-2,
+            "bf16 relative errors {e1} {e2}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
