@@ -236,9 +236,23 @@ fn main() {
             },
             reps,
         );
+        let cpu = cpu_per_call(
+            || {
+                s += 1;
+                sparse_penalty(
+                    &batches[s % 4],
+                    0.5,
+                    0.2,
+                    false,
+                    Some(&mut ema),
+                    Some(&mut g),
+                );
+            },
+            if quick { 10 } else { 40 },
+        );
         println!(
-            "method1 sparse+EMA(0.9, eps 0.01) F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step \
-             (stored entries {}, {:.0} MB, evicted so far {})",
+            "method1 sparse+EMA(0.9, eps 0.01) F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step, \
+             CPU {cpu:.1} ms per step summed over threads (stored entries {}, {:.0} MB, evicted so far {})",
             ema.entries(),
             ema.entries() as f64 * 16.0 / 1e6,
             ema.evicted
