@@ -31,22 +31,23 @@ fn to_labeled(ds: &Dataset) -> Vec<LabeledText> {
     ds.docs.iter().map(|d| LabeledText { text: d.text.clone(), labels: d.labels.clone() }).collect()
 }
 
-/// Split long documents into paragraphs of at least `min_chars`, keeping labels.
+/// Cut long documents into chunks of at least `min_chars` at sentence ends (SOTU
+/// speeches have no paragraph breaks), keeping each chunk's labels.
 fn paragraphs(ds: &Dataset, min_chars: usize) -> Vec<LabeledText> {
     let mut out = Vec::new();
     for d in &ds.docs {
         let mut buf = String::new();
-        for p in split_paragraphs(&d.text) {
-            if !buf.is_empty() {
-                buf.push(' ');
+        for para in split_paragraphs(&d.text) {
+            for sentence in para.split_inclusive(". ") {
+                buf.push_str(sentence);
+                if buf.len() >= min_chars {
+                    out.push(LabeledText { text: std::mem::take(&mut buf).trim().to_string(), labels: d.labels.clone() });
+                }
             }
-            buf.push_str(p.trim());
-            if buf.len() >= min_chars {
-                out.push(LabeledText { text: std::mem::take(&mut buf), labels: d.labels.clone() });
-            }
+            buf.push(' ');
         }
-        if buf.len() >= min_chars / 2 {
-            out.push(LabeledText { text: buf, labels: d.labels.clone() });
+        if buf.trim().len() >= min_chars / 2 {
+            out.push(LabeledText { text: buf.trim().to_string(), labels: d.labels.clone() });
         }
     }
     out
@@ -205,5 +206,23 @@ impl crate::runner::Evaluator for SuiteEvaluator {
         let run = saelab_eval::run_evals(&opts, &sae, model, out_dir)?;
         eprintln!("{}", run.summary);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saelab_data::corpus::Document;
+
+    #[test]
+    fn long_documents_are_cut_at_sentence_ends_with_labels() {
+        let text = (0..50).map(|i| format!("Sentence number {i} is here.")).collect::<Vec<_>>().join(" ");
+        let ds = Dataset::new("t", vec![Document::new(text).with_label("party", "Whig")]);
+        let chunks = paragraphs(&ds, 200);
+        assert!(chunks.len() >= 5, "{}", chunks.len());
+        for c in &chunks[..chunks.len() - 1] {
+            assert!(c.text.len() >= 200 && c.text.ends_with('.'), "{:?}", c.text);
+            assert_eq!(c.labels["party"], "Whig");
+        }
     }
 }

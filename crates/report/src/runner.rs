@@ -203,3 +203,32 @@ pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
     write_report(run, &input)?;
     Ok(run.join("report.html"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_variant_config_is_valid_before_compute() {
+        for text in [include_str!("../../../plans/quickstart.toml"), include_str!("../../../plans/research.toml")] {
+            let plan = Plan::parse(text).unwrap();
+            for v in plan.expand().unwrap() {
+                let c = variant_config(&plan, &v, 0).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+                c.resolved(576).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+                c.method.build(576, c.d_sae, 0).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+            }
+        }
+    }
+
+    #[test]
+    fn a_method_the_architecture_cannot_use_is_refused() {
+        let text = include_str!("../../../plans/quickstart.toml").replace(
+            "[[variants]]\nname = \"topk\"",
+            "[[variants]]\nname = \"topk\"\ntrain = { method = { method = \"self_correcting\" } }",
+        );
+        let plan = Plan::parse(&text).unwrap();
+        let v = &plan.expand().unwrap()[0];
+        let e = variant_config(&plan, v, 0).and_then(|c| c.resolved(576)).unwrap_err();
+        assert!(format!("{e:#}").contains("needs a ReLU-type architecture"), "{e:#}");
+    }
+}

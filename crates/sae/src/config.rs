@@ -151,6 +151,13 @@ pub struct TrainConfig {
     pub encoder_block_rows: usize,
     /// Written into the saved SAE's cfg.json `metadata`.
     pub metadata: SaeMetadata,
+    /// Feature-separation monitoring (decoder |cos| statistics on a 1024-row sample and
+    /// co-activation statistics of the batch, `sep_*` keys in metrics.jsonl) every this
+    /// many steps, for every run (0 = off). Default 500.
+    pub separation_every: usize,
+    /// Research method attached to this SAE (`[method]` table with `method =
+    /// "none" | "progressive_ortho" | "self_correcting"`; see docs/methods.md). Default none.
+    pub method: crate::methods::MethodConfig,
 }
 
 impl Default for TrainConfig {
@@ -195,6 +202,8 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             encoder_block_rows: 2048,
             metadata: SaeMetadata::default(),
+            separation_every: 500,
+            method: crate::methods::MethodConfig::None,
         }
     }
 }
@@ -277,6 +286,21 @@ impl TrainConfig {
     fn validate(&self, d_in: usize) -> Result<()> {
         if d_in == 0 {
             bail!("d_in must be >= 1");
+        }
+        self.method.validate(self.d_sae)?;
+        if let crate::methods::MethodConfig::SelfCorrecting(m) = &self.method {
+            if m.gate.enabled
+                && !matches!(
+                    self.architecture,
+                    Architecture::Standard | Architecture::StandardApril
+                )
+            {
+                bail!(
+                    "method self_correcting with its z-score gate needs a ReLU-type architecture (standard or standard_april), not {:?}; set method.gate.enabled = false to use its penalty and reactivation with {:?}",
+                    self.architecture,
+                    self.architecture
+                );
+            }
         }
         if self.d_sae < 1 {
             bail!("d_sae must be >= 1 (got {})", self.d_sae);

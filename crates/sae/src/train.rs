@@ -65,7 +65,11 @@ fn metrics_line(m: &StepMetrics) -> String {
     let mut v = serde_json::to_value(m).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.remove("extra");
+        o.remove("arrays");
         for (k, x) in &m.extra {
+            o.insert(k.clone(), serde_json::json!(x));
+        }
+        for (k, x) in &m.arrays {
             o.insert(k.clone(), serde_json::json!(x));
         }
     }
@@ -159,7 +163,20 @@ pub fn train(
         );
     }
     if hooks.is_empty() {
-        hooks = configs.iter().map(|_| TrainHooks::default()).collect();
+        // Each config's research method (if any) builds its own hooks.
+        hooks = configs
+            .iter()
+            .map(|c| {
+                let built = c
+                    .method
+                    .build(source.d_in(), c.d_sae, c.seed)
+                    .context("building the research method")?;
+                Ok(TrainHooks {
+                    regularizers: built.regularizers,
+                    gate: built.gate,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
     }
     if hooks.len() != configs.len() {
         bail!(
@@ -369,9 +386,9 @@ pub fn train(
             let cfg = s.cfg.clone();
             let f = metric_files[i].as_mut().unwrap();
             let io = |e| anyhow::anyhow!("cannot write metrics in {}: {e}", out_dirs[i].display());
-            if cfg.log_every > 0
-                && (s.step % cfg.log_every == 0 || s.step == 1 || s.step == s.total_steps)
-            {
+            let log_step = cfg.log_every > 0
+                && (s.step.is_multiple_of(cfg.log_every) || s.step == 1 || s.step == s.total_steps);
+            if log_step || !m.arrays.is_empty() {
                 writeln!(f, "{}", metrics_line(&m)).map_err(io)?;
             }
             if cfg.hist_every > 0 && s.step % cfg.hist_every == 0 {
