@@ -317,10 +317,6 @@ pub fn run_absorption(
             "max_words",
             cfg.max_words.map(|m| J::Int(m as i64)).unwrap_or(J::Null),
         ),
-        (
-            "gt_probe_inputs",
-            J::str("divided by per-dimension RMS of the train words (weights mapped back)"),
-        ),
     ]);
     let mut rng = Rng::new(cfg.seed);
     let mut vocab = first_letter_vocab(lm);
@@ -422,7 +418,6 @@ pub fn run_absorption(
                 batch: cfg.gt_probe_batch_size,
                 weight_decay: 1e-4,
                 pos_weight: true,
-                scale_inputs: true,
                 seed: cfg.seed,
                 ..Default::default()
             };

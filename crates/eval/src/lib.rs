@@ -185,6 +185,13 @@ fn validate(
     if opts.hook.is_empty() {
         bail!("no hook point given");
     }
+    if !sae.metadata.hook_name.is_empty() && sae.metadata.hook_name != opts.hook {
+        tracing::warn!(
+            "the SAE was trained at {} but is evaluated at {}",
+            sae.metadata.hook_name,
+            opts.hook
+        );
+    }
     for k in &kinds {
         match k {
             EvalKind::Core if opts.core_texts.iter().all(|t| t.trim().is_empty()) => {

@@ -1015,7 +1015,7 @@ mod tests {
         let (mut x, yb) = blobs(n, d, 4.0, 51);
         for i in 0..n {
             x[i * d] *= 1e3;
-            x[i * d + 1] = 500.0 + x[i * d + 1];
+            x[i * d + 1] += 500.0;
         }
         let y: Vec<f32> = yb.iter().map(|&v| v as u8 as f32).collect();
         let codes = SparseCodes::from_dense(&x, n, d);

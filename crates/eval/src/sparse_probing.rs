@@ -55,9 +55,11 @@ impl Default for SparseProbingConfig {
             ks: vec![1, 2, 5, 10, 20, 50],
             llm_batch_size: 16,
             probe_epochs: 100,
-            probe_batch: 250,
+            // SAEBench: 250 on 4000 rows (16 steps per epoch); smaller sets need a
+            // smaller batch for the same number of steps.
+            probe_batch: 64,
             probe_lr: 1e-2,
-            probe_patience: 3,
+            probe_patience: 5,
             seed: 42,
         }
     }
@@ -252,12 +254,26 @@ fn probe_task(
         decoupled: true,
         weight_decay: 1e-2,
         patience: Some(cfg.probe_patience),
-        scale_inputs: true,
         seed,
         ..Default::default()
     };
-    let p = train_adam_probe(full_train, &f(&ytr), 1, &pc, Some((full_val, &f(&yva))))?;
-    let z = p.logits(full_test, None);
+    // Standardised dense copies (train mean and std): pooled latents are all positive
+    // with large means, and without centring a few Adam steps cannot leave the
+    // constant-prediction regime.
+    let (mean, std) = column_mean_std(full_train);
+    let (n_tr, n_va, n_te, d) = (full_train.n(), full_val.n(), full_test.n(), full_train.d());
+    let (s_tr, s_va, s_te) = (
+        standardized(full_train, &mean, &std),
+        standardized(full_val, &mean, &std),
+        standardized(full_test, &mean, &std),
+    );
+    let (d_tr, d_va, d_te) = (
+        Design::dense(&s_tr, n_tr, d),
+        Design::dense(&s_va, n_va, d),
+        Design::dense(&s_te, n_te, d),
+    );
+    let p = train_adam_probe(&d_tr, &f(&ytr), 1, &pc, Some((&d_va, &f(&yva))))?;
+    let z = p.logits(&d_te, None);
     let full_acc = accuracy(&z.iter().map(|v| *v > 0.0).collect::<Vec<_>>(), &yte);
     let mut ks = Vec::new();
     for &k in &cfg.ks {
@@ -270,6 +286,61 @@ fn probe_task(
         ks.push(accuracy(&m.predict(full_test), &yte));
     }
     Ok((full_acc, ks))
+}
+
+/// Per-column mean and standard deviation (1 where the column is constant).
+fn column_mean_std(x: &Design) -> (Vec<f32>, Vec<f32>) {
+    let all = vec![true; x.n()];
+    let mean = x.column_means(&all);
+    let sq: Vec<f64> = {
+        let mut s = vec![0f64; x.d()];
+        let dense = standardized(x, &vec![0.0; x.d()], &vec![1.0; x.d()]);
+        for row in dense.chunks_exact(x.d().max(1)) {
+            for (a, v) in s.iter_mut().zip(row) {
+                *a += (*v as f64) * (*v as f64);
+            }
+        }
+        s
+    };
+    let n = x.n().max(1) as f64;
+    let std = sq
+        .iter()
+        .zip(&mean)
+        .map(|(s2, m)| {
+            let v = (s2 / n - m * m).max(0.0).sqrt();
+            if v > 1e-8 {
+                v as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (mean.iter().map(|m| *m as f32).collect(), std)
+}
+
+/// A dense copy of `x` with columns standardised by `mean` and `std`.
+fn standardized(x: &Design, mean: &[f32], std: &[f32]) -> Vec<f32> {
+    let d = x.d();
+    let mut out = Vec::with_capacity(x.n() * d);
+    for i in 0..x.n() {
+        out.extend(mean.iter().zip(std).map(|(m, s)| -m / s));
+        let row = &mut out[i * d..(i + 1) * d];
+        match x {
+            Design::Dense { x, .. } => {
+                for j in 0..d {
+                    row[j] = (x[i * d + j] - mean[j]) / std[j];
+                }
+            }
+            Design::Sparse(c) => {
+                let (idx, val) = c.row(i);
+                for (&j, &v) in idx.iter().zip(val) {
+                    let j = j as usize;
+                    row[j] = (v - mean[j]) / std[j];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Test accuracy of the full-width probe and of each top-k probe.
@@ -446,7 +517,7 @@ pub fn run_sparse_probing(
         ),
         (
             "full_probe_inputs",
-            J::str("divided by per-dimension RMS of the train split (weights mapped back)"),
+            J::str("standardised with the train split mean and std"),
         ),
     ]);
     Ok(EvalResult {
