@@ -80,9 +80,33 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub threshold: Option<f64>,
     pub reinitialised: usize,
-    /// Regularizer metrics, prefixed by the regularizer's name.
+    /// Training progress `step / total_steps`.
+    pub p: f64,
+    /// Regularizer metrics (flat names as the regularizer gives them, prefixed with the
+    /// regularizer's name only on a clash) and the `sep_*` separation scalars.
     pub extra: Vec<(String, f64)>,
+    /// Array-valued metrics (the `sep_cos_hist` histogram) on separation steps.
+    pub arrays: Vec<(String, Vec<f64>)>,
 }
+
+/// Keys of [`StepMetrics`] that regularizer metrics must not shadow.
+const CORE_KEYS: &[&str] = &[
+    "step",
+    "tokens",
+    "loss",
+    "mse",
+    "auxk",
+    "sparsity_loss",
+    "regularizer_loss",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "lr",
+    "grad_norm",
+    "threshold",
+    "reinitialised",
+    "p",
+];
 
 /// An SAE in training.
 pub struct TrainSae {
@@ -876,7 +900,16 @@ impl TrainSae {
                 }
                 reg_loss += out.loss;
                 for (k, v) in out.metrics {
-                    extra.push((format!("{}.{}", reg.name(), k), v));
+                    let clash =
+                        CORE_KEYS.contains(&k.as_str()) || extra.iter().any(|(e, _)| *e == k);
+                    extra.push((
+                        if clash {
+                            format!("{}_{}", reg.name(), k)
+                        } else {
+                            k
+                        },
+                        v,
+                    ));
                 }
             }
             for (g, r) in grad_val.iter_mut().zip(&gv) {
@@ -1321,6 +1354,44 @@ impl TrainSae {
         }
 
         prof.lap("after-step hooks");
+        // ---- feature-separation monitoring (every run, baselines included) ----
+        let mut extra = extra;
+        let mut arrays = Vec::new();
+        let se = self.cfg.separation_every;
+        if se > 0 && (self.step.is_multiple_of(se) || self.step == self.total_steps) {
+            let method = if hooks.regularizers.is_empty() {
+                None
+            } else {
+                Some(crate::regularizer::PenaltyOut {
+                    loss: reg_loss,
+                    metrics: extra.clone(),
+                })
+            };
+            let opts = crate::methods::monitor::CosineOptions {
+                seed: self.cfg.seed,
+                ..Default::default()
+            };
+            let st = crate::methods::monitor::separation_stats(
+                self.step,
+                &self.tensors[W_DEC].p,
+                d,
+                codes,
+                method.as_ref(),
+                0.5,
+                &opts,
+            );
+            extra.push(("sep_cos_mean".into(), st.decoder.mean));
+            extra.push(("sep_cos_std".into(), st.decoder.std));
+            extra.push(("sep_cos_max".into(), st.decoder.max));
+            extra.push(("sep_coact_frac_above".into(), st.coactivation.frac_above));
+            extra.push(("sep_mean_cij".into(), st.coactivation.mean_c));
+            extra.push(("sep_coact_pairs".into(), st.coactivation.pairs as f64));
+            arrays.push((
+                "sep_cos_hist".into(),
+                st.decoder.histogram.iter().map(|&c| c as f64).collect(),
+            ));
+            prof.lap("separation monitoring");
+        }
         if let Some(acc) = self.profile.as_mut() {
             for (name, t) in prof.acc {
                 match acc.iter_mut().find(|e| e.0 == name) {
@@ -1344,7 +1415,13 @@ impl TrainSae {
             grad_norm,
             threshold,
             reinitialised: reinit.len(),
+            p: if self.total_steps == 0 {
+                0.0
+            } else {
+                self.step as f64 / self.total_steps as f64
+            },
             extra,
+            arrays,
         })
     }
 
