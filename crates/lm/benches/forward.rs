@@ -6,7 +6,7 @@
 //! `SAELAB_LM_BENCH_ITERS` = timed iterations (default 5). Writes the token ids it used to
 //! `target/lm_bench_tokens.json` so `bench/lm_speed.py` runs PyTorch on the same input.
 
-use saelab_lm::{HookKind, HookPoint, Hooks, Model};
+use saelab_lm::{cross_entropy, HookKind, HookPoint, Hooks, LoadOptions, Model, WeightDtype};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -89,25 +89,49 @@ fn main() {
     );
 
     let hp = HookPoint::new(15, HookKind::ResidPost);
-    let cases: Vec<(&str, bool, f64)> = vec![
+    let bf = Model::load_with(
+        &path,
+        &LoadOptions {
+            weights: WeightDtype::Bf16,
+        },
+    )
+    .expect("load bf16");
+    println!(
+        "weights in memory: f32 {:.0} MB, bf16 {:.0} MB",
+        model.weight_bytes() as f64 / 1e6,
+        bf.weight_bytes() as f64 / 1e6
+    );
+    let cases: Vec<(&str, &Model, bool, f64)> = vec![
         (
-            "full forward + logits",
+            "f32  full forward + logits",
+            &model,
             true,
             c.n_layers as f64 * per_layer + head,
         ),
         (
-            "extract blocks.15.hook_resid_post (stop)",
+            "f32  extract blocks.15.hook_resid_post",
+            &model,
+            false,
+            16.0 * per_layer,
+        ),
+        (
+            "bf16 full forward + logits",
+            &bf,
+            true,
+            c.n_layers as f64 * per_layer + head,
+        ),
+        (
+            "bf16 extract blocks.15.hook_resid_post",
+            &bf,
             false,
             16.0 * per_layer,
         ),
     ];
-    for (name, logits, flops) in cases {
+    for (name, m, logits, flops) in cases {
         let run = || {
             let mut hooks = Hooks::new().capture(hp).logits(logits);
             let t = Instant::now();
-            let o = model
-                .forward(&tokens, BATCH, SEQ, &mut hooks)
-                .expect("forward");
+            let o = m.forward(&tokens, BATCH, SEQ, &mut hooks).expect("forward");
             std::hint::black_box(&o);
             t.elapsed().as_secs_f64()
         };
@@ -125,4 +149,26 @@ fn main() {
             n_tok / cpu
         );
     }
+
+    // What bf16 storage costs in accuracy on this input.
+    let f = model
+        .forward(&tokens, BATCH, SEQ, &mut Hooks::new().capture(hp))
+        .expect("forward");
+    let b = bf
+        .forward(&tokens, BATCH, SEQ, &mut Hooks::new().capture(hp))
+        .expect("forward");
+    let rel = |x: &[f32], y: &[f32]| {
+        let num: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        let den: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let v = c.vocab_size;
+    let (fl, bl) = (f.logits.unwrap(), b.logits.unwrap());
+    println!(
+        "bf16 vs f32: blocks.15.hook_resid_post rel err {:.2e}, logits rel err {:.2e}, CE {:.4} vs {:.4} nats",
+        rel(&b.captured[&hp], &f.captured[&hp]),
+        rel(&bl, &fl),
+        cross_entropy(&bl, &tokens, BATCH, SEQ, v),
+        cross_entropy(&fl, &tokens, BATCH, SEQ, v)
+    );
 }
