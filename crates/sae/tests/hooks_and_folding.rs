@@ -340,3 +340,44 @@ fn folding_scale_and_decoder_norms_preserves_outputs() {
         }
     }
 }
+
+/// A config's `[method]` table is built into hooks by `train()` and its metrics logged.
+#[test]
+fn methods_from_the_config_train_end_to_end() {
+    let d = 12;
+    let data = sparse_mixture(32 * 8, d, 24, 3, 0.01, 11);
+    for (arch, method) in [
+        ("topk", "progressive_ortho"),
+        ("standard", "self_correcting"),
+    ] {
+        let text = format!(
+            "architecture = \"{arch}\"\nd_sae = 48\nk = 4\nbatch_size = 32\ntotal_tokens = 256\nwarmup_steps = 2\nlog_every = 1\n[method]\nmethod = \"{method}\"\n"
+        );
+        let cfg = TrainConfig::from_toml_str(&text).unwrap();
+        let dir = tmp(&format!("method-{method}"));
+        let mut src = MatrixSource::new(data.clone(), d, "s");
+        let o = TrainOptions {
+            progress: false,
+            ..Default::default()
+        };
+        let s = train(
+            std::slice::from_ref(&cfg),
+            &mut src,
+            std::slice::from_ref(&dir),
+            o,
+        )
+        .unwrap();
+        assert_eq!(s[0].steps, 8, "{method}");
+        assert!(s[0].final_metrics.regularizer_loss.is_finite());
+        assert!(
+            !s[0].final_metrics.extra.is_empty(),
+            "{method}: method metrics logged"
+        );
+        let written = std::fs::read_to_string(dir.join("train_config.toml")).unwrap();
+        assert!(
+            written.contains(method),
+            "resolved config keeps the method: {written}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
