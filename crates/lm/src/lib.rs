@@ -8,7 +8,8 @@
 //! - [`llama`], [`gemma2`]: one file per architecture (weight names and block forwards).
 //!
 //! [`Model::load`] takes a `.gguf` file or a directory with `config.json`, `*.safetensors`
-//! and `tokenizer.json`; [`Model::forward`] runs a batch of token rows with hooks.
+//! and `tokenizer.json`; [`Model::load_with`] can keep weight matrices in bf16 (f32 compute);
+//! [`Model::forward`] runs a batch of token rows with hooks.
 
 pub mod gemma2;
 pub mod gguf;
@@ -252,6 +253,9 @@ impl Model {
                 "forward: {} tokens given for batch {batch} x seq {seq}",
                 tokens.len()
             );
+        }
+        if batch == 0 || seq == 0 {
+            bail!("forward: empty input (batch {batch} x seq {seq})");
         }
         if seq > c.max_seq {
             bail!(

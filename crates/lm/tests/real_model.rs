@@ -157,6 +157,8 @@ fn out_of_range_hook_is_a_clear_error() {
     );
     let err = m.forward(&[1, 2, 3], 2, 3, &mut Hooks::new());
     assert!(err.is_err());
+    let err = m.forward(&[], 0, 5, &mut Hooks::new());
+    assert!(err.err().unwrap().to_string().contains("empty input"));
     let err = m.forward(&[1, 2, 60000], 1, 3, &mut Hooks::new());
     assert!(err.err().unwrap().to_string().contains("out of range"));
 }
