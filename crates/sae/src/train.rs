@@ -269,7 +269,8 @@ pub fn train(
         .filter(|s| s.step < s.total_steps)
         .map(|s| s.step)
         .min()
-        .unwrap_or(0);
+        // All finished (resuming a completed run): nothing to read.
+        .unwrap_or_else(|| saes.iter().map(|s| s.total_steps).max().unwrap_or(0));
     for (i, s) in saes.iter().enumerate() {
         if s.step < s.total_steps && s.step != start {
             bail!(
@@ -322,7 +323,8 @@ pub fn train(
         }
     }
     // Resume: skip the rows already trained on.
-    if start > 0 {
+    let max_steps = saes.iter().map(|s| s.total_steps).max().unwrap_or(0);
+    if start > 0 && start < max_steps {
         source.reset()?;
         for _ in 0..start {
             if read_batch(source, bsz, &mut batch, loop_source)? < bsz {
@@ -331,7 +333,6 @@ pub fn train(
         }
     }
 
-    let max_steps = saes.iter().map(|s| s.total_steps).max().unwrap_or(0);
     let stop_at = max_steps_this_run.map_or(max_steps, |m| (start + m).min(max_steps));
     let bar = if progress {
         let pb = indicatif::ProgressBar::new((max_steps - start) as u64);

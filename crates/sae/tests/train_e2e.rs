@@ -263,6 +263,21 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         )
         .unwrap();
         assert_eq!(s[0].steps, 30);
+        // Resuming a finished run trains nothing more and changes nothing.
+        let before = checkpoint_contents(&part);
+        let mut src = MatrixSource::new(data.clone(), d, "s");
+        let s = train(
+            std::slice::from_ref(&cfg),
+            &mut src,
+            std::slice::from_ref(&part),
+            TrainOptions {
+                resume: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert_eq!(s[0].steps, 30);
+        assert!(checkpoint_contents(&part) == before);
         assert!(
             checkpoint_contents(&full) == checkpoint_contents(&part),
             "{arch:?}: resumed checkpoint differs"
