@@ -66,6 +66,14 @@ impl SeedRecord {
                     out.insert(format!("train.{k}"), x);
                 }
             }
+            // Method metrics come as [name, value] pairs.
+            if let Some(Value::Array(extra)) = f.get("extra") {
+                for pair in extra {
+                    if let (Some(k), Some(x)) = (pair.get(0).and_then(Value::as_str), pair.get(1).and_then(Value::as_f64)) {
+                        out.insert(format!("train.{k}"), x);
+                    }
+                }
+            }
         }
         for (e, json) in &self.evals {
             if let Some(Value::Object(cats)) = json.get("eval_result_metrics") {

@@ -112,6 +112,7 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
     hook.check(model.config().n_layers)?;
     let store_dir = run.join("activations");
     overall.set_message("caching activations");
+    tracing::info!("stage 1/3: activations of {} at {} into {}", model.config().name, plan.hook, store_dir.display());
     let complete = ActivationStore::open(&store_dir).map(|s| s.manifest().complete).unwrap_or(false);
     if !complete {
         let dataset = load_corpus(&plan.corpus)?;
@@ -127,6 +128,7 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
     // Stage 2: training, one shared read per seed.
     for &seed in &plan.seeds {
         overall.set_message(format!("training seed {seed}"));
+        tracing::info!("stage 2/3: training seed {seed}");
         let todo: Vec<&(Variant, u64, TrainConfig)> = configs
             .iter()
             .filter(|(v, s, _)| *s == seed && !variant_dir(run, &v.name, seed).join("summary.json").exists())
@@ -167,12 +169,16 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
             }
         }
         if !missing.is_empty() {
+            tracing::info!("stage 3/3: evaluating {} seed {seed}: {}", v.name, missing.join(", "));
+            let t = Instant::now();
             evaluator.evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
                 .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
+            tracing::info!("evaluated {} seed {seed} in {:.0} s", v.name, t.elapsed().as_secs_f64());
         }
         overall.inc(1);
     }
     overall.finish_with_message(format!("done in {:.0} s", t0.elapsed().as_secs_f64()));
+    tracing::info!("experiment {} done in {:.0} s", plan.name, t0.elapsed().as_secs_f64());
     write_run_report(run, plan)
 }
 
