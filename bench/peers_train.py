@@ -711,6 +711,7 @@ def main():
         res["runs"][p] = dict(timing=timing, quality=quality)
         print(json.dumps(res["runs"][p]), flush=True)
         del params
+        write_outputs(res, a)  # after every run, so an interrupted benchmark keeps its results
 
     ratios = {}
     for group, ours in ((TOPK_PEERS, "saelab"), (STANDARD_PEERS, "saelab_standard")):
@@ -731,15 +732,18 @@ def main():
             bq = max(others, key=lambda n: res["runs"][n]["quality"]["fve"])
             ratios[f"{ours} FVE / best peer FVE ({bq})"] = res["runs"][ours]["quality"]["fve"] / res["runs"][bq]["quality"]["fve"]
     res["ratios"] = ratios
-    md = markdown(res)
-    print(md)
+    print(markdown(res))
+    write_outputs(res, a)
+
+
+def write_outputs(res, a):
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump(res, f, indent=2)
         os.replace(a.json + ".tmp", a.json)
     if a.md:
         with open(a.md + ".tmp", "w") as f:
-            f.write(md)
+            f.write(markdown(res))
         os.replace(a.md + ".tmp", a.md)
 
 

@@ -118,6 +118,19 @@ def check_folder(name, sae_dir, a, x):
     out["mean_l0_sae_lens"] = float((feats > 0).sum(1).mean())
     out["mean_l0_reference"] = float((ref_acts > 0).sum(1).mean())
 
+    # What SAELens kept of saelab's metadata. SAELens 6 treats a cfg.json without
+    # metadata.sae_lens_version as a pre-6.0 config, whose metadata fields are top-level.
+    meta = sae.cfg.metadata.to_dict() if hasattr(sae.cfg.metadata, "to_dict") else dict(sae.cfg.metadata)
+    out["metadata_after_sae_lens_load"] = {k: v for k, v in meta.items()}
+    want_hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    out["hook_name_kept_by_sae_lens"] = meta.get("hook_name") == want_hook
+    if want_hook and meta.get("hook_name") != want_hook:
+        # A SAELens-trained SAE carries its hook; give the loaded one its hook back so the
+        # folder SAELens writes is what a SAELens user would hand to saelab.
+        sae.cfg.metadata.hook_name = want_hook
+        sae.cfg.metadata.model_name = (cfg.get("metadata") or {}).get("model_name")
+        out["hook_name_restored_before_save"] = want_hook
+
     # SAELens -> disk -> saelab.
     rt = os.path.join(a.work, f"{name}-saved-by-sae_lens")
     if os.path.exists(rt):
@@ -135,6 +148,9 @@ def check_folder(name, sae_dir, a, x):
         evals = {}
         for tag, d in (("original", sae_dir), ("sae_lens_saved", rt)):
             od = os.path.join(a.work, f"{name}-eval-{tag}")
+            if tag == "original" and a.reuse_evals and glob.glob(os.path.join(od, "**", "*.json"), recursive=True):
+                evals[tag] = load_eval_jsons(od)
+                continue
             if os.path.exists(od):
                 shutil.rmtree(od)
             cmd = [a.saelab, "eval", "--sae", d, "--evals", "core", "--model", a.model, "--out", od]
@@ -172,6 +188,7 @@ def main():
     ap.add_argument("--model", default="default", help="model for `saelab eval` (a .gguf path or `default`)")
     ap.add_argument("--hook", default="blocks.14.hook_resid_post", help="hook of --store (written into the tiny SAEs' metadata)")
     ap.add_argument("--cache-dir", help="saelab eval activation cache directory")
+    ap.add_argument("--reuse-evals", action="store_true", help="reuse an existing `saelab eval` output of the original folder")
     ap.add_argument("--skip-eval", action="store_true", help="skip the `saelab eval --evals core` round trip")
     ap.add_argument("--rows", type=int, default=512, help="random input rows")
     ap.add_argument("--seed", type=int, default=0)
