@@ -71,6 +71,25 @@ def reference(cfg, w, x):
     return acts, acts @ w_dec + b_dec
 
 
+def random_inputs(w, d_in, rows, seed):
+    """Random rows of two kinds (half each): b_dec + isotropic Gaussian of norm ~12 x the
+    mean decoder-row norm, and b_dec + a random sparse combination of 32 decoder rows
+    (coefficients |N(0, 1)| * 2 + 2 * max(threshold, 0.25)) + small noise, so that latents
+    fire for every architecture, JumpReLU thresholds included."""
+    g = np.random.default_rng(seed)
+    f = w["W_dec"].shape[0]
+    n1 = rows // 2
+    scale = float(np.linalg.norm(w["W_dec"], axis=1).mean()) * 12.0
+    x1 = w["b_dec"][None, :] + g.standard_normal((n1, d_in)) * scale / np.sqrt(d_in)
+    th = float(np.max(w["threshold"])) if "threshold" in w else 0.0
+    z = np.zeros((rows - n1, f))
+    for r in range(rows - n1):
+        idx = g.choice(f, size=min(32, f), replace=False)
+        z[r, idx] = np.abs(g.standard_normal(len(idx))) * 2.0 + 2.0 * max(th, 0.25)
+    x2 = w["b_dec"][None, :] + z @ w["W_dec"] + 0.1 * g.standard_normal((rows - n1, d_in))
+    return np.concatenate([x1, x2]).astype(np.float32)
+
+
 def numeric_leaves(obj, prefix=""):
     if isinstance(obj, bool):
         return {}
@@ -230,11 +249,7 @@ def main():
         with open(os.path.join(d, "cfg.json")) as f:
             d_in = int(json.load(f)["d_in"])
         w = load_file(os.path.join(d, "sae_weights.safetensors"))
-        g = np.random.default_rng(a.seed)
-        # Random inputs at the scale of the SAE's own inputs: b_dec + Gaussian with the
-        # decoder's typical output norm, so that a realistic number of latents fires.
-        scale = float(np.linalg.norm(w["W_dec"], axis=1).mean()) * 3.0
-        x = (w["b_dec"][None, :] + g.standard_normal((a.rows, d_in)) * scale / np.sqrt(d_in) * 4).astype(np.float32)
+        x = random_inputs(w, d_in, a.rows, a.seed)
         r = check_folder(name, d, a, x)
         print(json.dumps(r, indent=1), flush=True)
         results["checks"].append(r)
