@@ -50,7 +50,8 @@ pub struct CacheArgs {
 pub fn run(a: CacheArgs) -> Result<()> {
     let hook: HookPoint = a.hook.parse()?;
     let model_path = saelab_core::assets::resolve_model(&a.model)?;
-    let model = Model::load(&model_path).with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::load(&model_path)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
     let dataset = load_corpus(&a.corpus)?;
     let mut opts = CacheOptions::new(hook);
     opts.tokens = a.tokens;

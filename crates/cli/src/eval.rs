@@ -15,7 +15,11 @@ pub struct EvalArgs {
     pub sae: PathBuf,
     /// Comma-separated: core, absorption, sparse_probing, tpp, scr. (unlearning and
     /// autointerp are not available offline: they need gemma-2-2b-it + WMDP and an LLM judge.)
-    #[arg(long, default_value = "core,absorption,sparse_probing,tpp,scr", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "core,absorption,sparse_probing,tpp,scr",
+        value_delimiter = ','
+    )]
     pub evals: Vec<String>,
     /// The model the SAE was trained on: `default`, a .gguf file or a safetensors directory.
     #[arg(long, default_value = "default")]
@@ -35,11 +39,20 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let model_path = saelab_core::assets::resolve_model(&a.model)?;
-    let model = Model::load(&model_path).with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::load(&model_path)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
     let out = a.out.unwrap_or_else(|| a.sae.join("evals"));
-    let cache = a.cache_dir.unwrap_or_else(|| saelab_core::assets::saelab_home().join("eval-cache"));
-    let ev = SuiteEvaluator { cache_dir: Some(cache) };
-    let sizes = if a.saebench_sizes { "saebench" } else { "default" };
+    let cache = a
+        .cache_dir
+        .unwrap_or_else(|| saelab_core::assets::saelab_home().join("eval-cache"));
+    let ev = SuiteEvaluator {
+        cache_dir: Some(cache),
+    };
+    let sizes = if a.saebench_sizes {
+        "saebench"
+    } else {
+        "default"
+    };
     ev.evaluate(&model, &a.sae, &a.evals, &out, 0, sizes)?;
     println!("results: {}", out.display());
     Ok(())

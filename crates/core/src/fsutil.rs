@@ -42,9 +42,8 @@ pub fn write_atomic_with(
             .map_err(|e| anyhow::anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
         file.sync_all()
             .with_context(|| format!("cannot sync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| {
-            format!("cannot rename {} to {}", tmp.display(), path.display())
-        })?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
     if result.is_err() {
@@ -67,7 +66,11 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let err = write_atomic_with(&p, |_| anyhow::bail!("boom"));
         assert!(err.is_err());
-        assert_eq!(std::fs::read(&p).unwrap(), b"two", "failed write must not clobber");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"two",
+            "failed write must not clobber"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok())

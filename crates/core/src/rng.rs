@@ -40,7 +40,8 @@ impl Rng {
 
     /// An independent stream derived from this one and a label (does not advance `self`).
     pub fn fork(&self, label: u64) -> Rng {
-        let mut x = self.s[0] ^ self.s[3].rotate_left(17) ^ label.wrapping_mul(0xA24B_AED4_963E_E407);
+        let mut x =
+            self.s[0] ^ self.s[3].rotate_left(17) ^ label.wrapping_mul(0xA24B_AED4_963E_E407);
         Rng::new(splitmix64(&mut x))
     }
 
@@ -129,7 +130,7 @@ impl Rng {
     /// Sample an index with probability proportional to `weights` (non-negative).
     pub fn weighted_index(&mut self, weights: &[f64]) -> Option<usize> {
         let total: f64 = weights.iter().sum();
-        if !(total > 0.0) || !total.is_finite() {
+        if total.is_nan() || total <= 0.0 || !total.is_finite() {
             return None;
         }
         let mut r = self.f64() * total;
@@ -149,9 +150,24 @@ mod tests {
 
     #[test]
     fn deterministic_and_distinct_seeds() {
-        let a: Vec<u64> = (0..5).map({ let mut r = Rng::new(7); move |_| r.next_u64() }).collect();
-        let b: Vec<u64> = (0..5).map({ let mut r = Rng::new(7); move |_| r.next_u64() }).collect();
-        let c: Vec<u64> = (0..5).map({ let mut r = Rng::new(8); move |_| r.next_u64() }).collect();
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let c: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(8);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

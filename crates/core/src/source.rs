@@ -36,8 +36,16 @@ pub struct MatrixSource {
 
 impl MatrixSource {
     pub fn new(data: Vec<f32>, d_in: usize, name: impl Into<String>) -> Self {
-        assert!(d_in > 0 && data.len() % d_in == 0, "matrix length not a multiple of d_in");
-        MatrixSource { data, d_in, pos: 0, name: name.into() }
+        assert!(
+            d_in > 0 && data.len().is_multiple_of(d_in),
+            "matrix length not a multiple of d_in"
+        );
+        MatrixSource {
+            data,
+            d_in,
+            pos: 0,
+            name: name.into(),
+        }
     }
 
     pub fn rows(&self) -> usize {

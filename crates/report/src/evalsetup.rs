@@ -28,7 +28,13 @@ use std::path::{Path, PathBuf};
 pub const EVAL_SEED: u64 = 42;
 
 fn to_labeled(ds: &Dataset) -> Vec<LabeledText> {
-    ds.docs.iter().map(|d| LabeledText { text: d.text.clone(), labels: d.labels.clone() }).collect()
+    ds.docs
+        .iter()
+        .map(|d| LabeledText {
+            text: d.text.clone(),
+            labels: d.labels.clone(),
+        })
+        .collect()
 }
 
 /// Cut long documents into chunks of at least `min_chars` at sentence ends (SOTU
@@ -41,13 +47,19 @@ fn paragraphs(ds: &Dataset, min_chars: usize) -> Vec<LabeledText> {
             for sentence in para.split_inclusive(". ") {
                 buf.push_str(sentence);
                 if buf.len() >= min_chars {
-                    out.push(LabeledText { text: std::mem::take(&mut buf).trim().to_string(), labels: d.labels.clone() });
+                    out.push(LabeledText {
+                        text: std::mem::take(&mut buf).trim().to_string(),
+                        labels: d.labels.clone(),
+                    });
                 }
             }
             buf.push(' ');
         }
         if buf.trim().len() >= min_chars / 2 {
-            out.push(LabeledText { text: buf.trim().to_string(), labels: d.labels.clone() });
+            out.push(LabeledText {
+                text: buf.trim().to_string(),
+                labels: d.labels.clone(),
+            });
         }
     }
     out
@@ -59,21 +71,28 @@ fn relabel(docs: &[LabeledText], from: &str, to: &str) -> Vec<LabeledText> {
             let v = d.labels.get(from)?;
             let mut labels = std::collections::BTreeMap::new();
             labels.insert(to.to_string(), v.clone());
-            Some(LabeledText { text: d.text.clone(), labels })
+            Some(LabeledText {
+                text: d.text.clone(),
+                labels,
+            })
         })
         .collect()
 }
 
 fn command_line(cmd: &str, args: &[&str]) -> Option<PathBuf> {
     let out = std::process::Command::new(cmd).args(args).output().ok()?;
-    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string()))
 }
 
 fn collect_files(root: &Path, ext: &str, max: usize, out: &mut Vec<PathBuf>) {
     let mut stack = vec![root.to_path_buf()];
     let mut found = Vec::new();
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
@@ -95,21 +114,39 @@ fn collect_files(root: &Path, ext: &str, max: usize, out: &mut Vec<PathBuf>) {
 
 /// The programming-language task from source files reachable on this machine.
 pub fn code_language_task(per_language: usize) -> Vec<LabeledText> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cargo_home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home.join(".cargo"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cargo"));
     let roots: Vec<(&str, &str, Option<PathBuf>)> = vec![
-        ("python", "py", command_line("python3", &["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])),
+        (
+            "python",
+            "py",
+            command_line(
+                "python3",
+                &[
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+                ],
+            ),
+        ),
         ("javascript", "js", command_line("npm", &["root", "-g"])),
         ("c", "h", Some(PathBuf::from("/usr/include"))),
         ("rust", "rs", Some(cargo_home.join("registry").join("src"))),
     ];
     let mut docs = Vec::new();
     for (lang, ext, root) in roots {
-        let Some(root) = root.filter(|r| r.is_dir()) else { continue };
+        let Some(root) = root.filter(|r| r.is_dir()) else {
+            continue;
+        };
         let mut files = Vec::new();
         collect_files(&root, ext, per_language, &mut files);
         for f in files {
-            let Ok(bytes) = std::fs::read(&f) else { continue };
+            let Ok(bytes) = std::fs::read(&f) else {
+                continue;
+            };
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(2000)]).into_owned();
             if text.trim().len() >= 200 {
                 docs.push(LabeledText::new(text, &[("language", lang)]));
@@ -120,8 +157,19 @@ pub fn code_language_task(per_language: usize) -> Vec<LabeledText> {
 }
 
 /// Build the evaluation inputs for `evals` at `hook`.
-pub fn eval_options(evals: &[String], hook: &str, sizes: &str, cache_dir: Option<PathBuf>) -> Result<EvalOptions> {
-    let mut o = EvalOptions { evals: evals.to_vec(), hook: hook.to_string(), seed: EVAL_SEED, cache_dir, ..Default::default() };
+pub fn eval_options(
+    evals: &[String],
+    hook: &str,
+    sizes: &str,
+    cache_dir: Option<PathBuf>,
+) -> Result<EvalOptions> {
+    let mut o = EvalOptions {
+        evals: evals.to_vec(),
+        hook: hook.to_string(),
+        seed: EVAL_SEED,
+        cache_dir,
+        ..Default::default()
+    };
     match sizes {
         "default" => {}
         // Smoke-test sizes (CI's end-to-end test): every code path, minimal tokens.
@@ -164,24 +212,63 @@ pub fn eval_options(evals: &[String], hook: &str, sizes: &str, cache_dir: Option
         spam.retain(|d| d.text.trim().len() >= 100);
         let code = code_language_task(600);
         let mut tasks = vec![
-            ProbeDataset { name: "brown_genre".into(), label_key: "genre".into(), docs: relabel(&brown, "genre", "genre") },
-            ProbeDataset { name: "sotu_party".into(), label_key: "party".into(), docs: relabel(&sotu, "party", "party") },
-            ProbeDataset { name: "sotu_era".into(), label_key: "era".into(), docs: relabel(&sotu, "era", "era") },
-            ProbeDataset { name: "spam".into(), label_key: "spam".into(), docs: spam },
+            ProbeDataset {
+                name: "brown_genre".into(),
+                label_key: "genre".into(),
+                docs: relabel(&brown, "genre", "genre"),
+            },
+            ProbeDataset {
+                name: "sotu_party".into(),
+                label_key: "party".into(),
+                docs: relabel(&sotu, "party", "party"),
+            },
+            ProbeDataset {
+                name: "sotu_era".into(),
+                label_key: "era".into(),
+                docs: relabel(&sotu, "era", "era"),
+            },
+            ProbeDataset {
+                name: "spam".into(),
+                label_key: "spam".into(),
+                docs: spam,
+            },
         ];
-        let langs: std::collections::BTreeSet<&str> = code.iter().filter_map(|d| d.labels.get("language").map(|s| s.as_str())).collect();
+        let langs: std::collections::BTreeSet<&str> = code
+            .iter()
+            .filter_map(|d| d.labels.get("language").map(|s| s.as_str()))
+            .collect();
         if langs.len() >= 2 {
-            tasks.push(ProbeDataset { name: "code_language".into(), label_key: "language".into(), docs: code.clone() });
+            tasks.push(ProbeDataset {
+                name: "code_language".into(),
+                label_key: "language".into(),
+                docs: code.clone(),
+            });
         } else {
             tracing::warn!("code_language task skipped: fewer than two languages' source files found on this machine");
         }
-        o.tpp_datasets = tasks.iter().filter(|t| t.name == "brown_genre" || t.name == "code_language").cloned().collect();
+        o.tpp_datasets = tasks
+            .iter()
+            .filter(|t| t.name == "brown_genre" || t.name == "code_language")
+            .cloned()
+            .collect();
         o.probing_datasets = tasks;
         if wants("scr") {
             o.scr = Some(ScrSpec {
-                dataset: ProbeDataset { name: "sotu_party_era".into(), label_key: "party".into(), docs: sotu },
-                a: Attribute { key: "party".into(), pos: "Republican".into(), neg: "Democratic".into() },
-                b: Attribute { key: "era".into(), pos: "post-1900".into(), neg: "pre-1900".into() },
+                dataset: ProbeDataset {
+                    name: "sotu_party_era".into(),
+                    label_key: "party".into(),
+                    docs: sotu,
+                },
+                a: Attribute {
+                    key: "party".into(),
+                    pos: "Republican".into(),
+                    neg: "Democratic".into(),
+                },
+                b: Attribute {
+                    key: "era".into(),
+                    pos: "post-1900".into(),
+                    neg: "pre-1900".into(),
+                },
             });
         }
     }
@@ -190,7 +277,10 @@ pub fn eval_options(evals: &[String], hook: &str, sizes: &str, cache_dir: Option
 
 /// File name of an evaluation's result JSON inside an SAE's `evals/` directory.
 pub fn eval_file_name(eval: &str) -> Result<String> {
-    Ok(format!("{}_eval_results.json", saelab_eval::EvalKind::parse(eval)?.type_id()))
+    Ok(format!(
+        "{}_eval_results.json",
+        saelab_eval::EvalKind::parse(eval)?.type_id()
+    ))
 }
 
 /// The SAEBench-suite evaluator used by the runner and `saelab eval`.
@@ -199,8 +289,17 @@ pub struct SuiteEvaluator {
 }
 
 impl crate::runner::Evaluator for SuiteEvaluator {
-    fn evaluate(&self, model: &Model, sae_dir: &Path, evals: &[String], out_dir: &Path, _seed: u64, sizes: &str) -> Result<()> {
-        let sae = Sae::load(sae_dir).with_context(|| format!("loading SAE {}", sae_dir.display()))?;
+    fn evaluate(
+        &self,
+        model: &Model,
+        sae_dir: &Path,
+        evals: &[String],
+        out_dir: &Path,
+        _seed: u64,
+        sizes: &str,
+    ) -> Result<()> {
+        let sae =
+            Sae::load(sae_dir).with_context(|| format!("loading SAE {}", sae_dir.display()))?;
         let hook = sae.metadata.hook_name.clone();
         let opts = eval_options(evals, &hook, sizes, self.cache_dir.clone())?;
         let run = saelab_eval::run_evals(&opts, &sae, model, out_dir)?;
@@ -216,7 +315,10 @@ mod tests {
 
     #[test]
     fn long_documents_are_cut_at_sentence_ends_with_labels() {
-        let text = (0..50).map(|i| format!("Sentence number {i} is here.")).collect::<Vec<_>>().join(" ");
+        let text = (0..50)
+            .map(|i| format!("Sentence number {i} is here."))
+            .collect::<Vec<_>>()
+            .join(" ");
         let ds = Dataset::new("t", vec![Document::new(text).with_label("party", "Whig")]);
         let chunks = paragraphs(&ds, 200);
         assert!(chunks.len() >= 5, "{}", chunks.len());

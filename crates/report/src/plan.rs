@@ -108,8 +108,19 @@ fn default_dead_flag() -> f64 {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "name", "model", "hook", "corpus", "train_tokens", "ctx_len", "seeds", "evals", "baseline",
-    "eval_sizes", "flag_dead_fraction", "train", "variants",
+    "name",
+    "model",
+    "hook",
+    "corpus",
+    "train_tokens",
+    "ctx_len",
+    "seeds",
+    "evals",
+    "baseline",
+    "eval_sizes",
+    "flag_dead_fraction",
+    "train",
+    "variants",
 ];
 const VARIANT_KEYS: &[&str] = &["name", "train", "grid"];
 
@@ -120,7 +131,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -134,14 +147,18 @@ pub fn unknown_key_message(key: &str, known: &[&str], where_: &str) -> String {
         Some(b) if edit_distance(key, b) <= 3 => {
             format!("unknown key `{key}` in {where_} (did you mean `{b}`?)")
         }
-        _ => format!("unknown key `{key}` in {where_}; known keys: {}", known.join(", ")),
+        _ => format!(
+            "unknown key `{key}` in {where_}; known keys: {}",
+            known.join(", ")
+        ),
     }
 }
 
 impl Plan {
     /// Read, check and parse a plan file.
     pub fn load(path: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read plan {}", path.display()))?;
         Plan::parse(&text).with_context(|| format!("invalid plan {}", path.display()))
     }
 
@@ -157,20 +174,32 @@ impl Plan {
                 if let Some(t) = v.as_table() {
                     for k in t.keys() {
                         if !VARIANT_KEYS.contains(&k.as_str()) {
-                            bail!("{}", unknown_key_message(k, VARIANT_KEYS, &format!("variant #{}", i + 1)));
+                            bail!(
+                                "{}",
+                                unknown_key_message(
+                                    k,
+                                    VARIANT_KEYS,
+                                    &format!("variant #{}", i + 1)
+                                )
+                            );
                         }
                     }
                 }
             }
         }
-        let plan: Plan = table.try_into().context("plan fields have the wrong type")?;
+        let plan: Plan = table
+            .try_into()
+            .context("plan fields have the wrong type")?;
         plan.validate()?;
         Ok(plan)
     }
 
     fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
-            bail!("plan name `{}` must be non-empty and contain no path separators", self.name);
+            bail!(
+                "plan name `{}` must be non-empty and contain no path separators",
+                self.name
+            );
         }
         if self.train_tokens == 0 {
             bail!("train_tokens is 0: a run that trains zero steps is not an experiment");
@@ -187,7 +216,9 @@ impl Plan {
         for e in &self.evals {
             if !KNOWN_EVALS.contains(&e.as_str()) {
                 let hint = match e.as_str() {
-                    "unlearning" => " (not available: needs gemma-2-2b-it and the WMDP corpus)".to_string(),
+                    "unlearning" => {
+                        " (not available: needs gemma-2-2b-it and the WMDP corpus)".to_string()
+                    }
                     "autointerp" => " (not available: needs an LLM judge)".to_string(),
                     _ => format!(" ({})", unknown_key_message(e, KNOWN_EVALS, "evals")),
                 };
@@ -195,7 +226,10 @@ impl Plan {
             }
         }
         if !["default", "saebench", "tiny"].contains(&self.eval_sizes.as_str()) {
-            bail!("eval_sizes must be \"default\", \"saebench\" or \"tiny\", not `{}`", self.eval_sizes);
+            bail!(
+                "eval_sizes must be \"default\", \"saebench\" or \"tiny\", not `{}`",
+                self.eval_sizes
+            );
         }
         if self.variants.is_empty() {
             bail!("the plan has no [[variants]]");
@@ -209,7 +243,14 @@ impl Plan {
         }
         if let Some(b) = &self.baseline {
             if !variants.iter().any(|v| &v.name == b) {
-                bail!("baseline `{b}` is not one of the variants ({})", variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "));
+                bail!(
+                    "baseline `{b}` is not one of the variants ({})",
+                    variants
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
         }
         Ok(())
@@ -228,14 +269,20 @@ impl Plan {
         let mut out = Vec::new();
         for spec in &self.variants {
             if spec.name.is_empty() || spec.name.contains(['/', '\\', ' ']) {
-                bail!("variant name `{}` must be non-empty, without spaces or path separators", spec.name);
+                bail!(
+                    "variant name `{}` must be non-empty, without spaces or path separators",
+                    spec.name
+                );
             }
             let mut base = self.train.clone();
             merge(&mut base, &spec.train);
             let mut points: Vec<(String, toml::Table)> = vec![(spec.name.clone(), base)];
             for (key, values) in &spec.grid {
                 let toml::Value::Array(values) = values else {
-                    bail!("grid key `{key}` of variant `{}` must map to a list of values", spec.name);
+                    bail!(
+                        "grid key `{key}` of variant `{}` must map to a list of values",
+                        spec.name
+                    );
                 };
                 if values.is_empty() {
                     bail!("grid key `{key}` of variant `{}` has no values", spec.name);
@@ -250,7 +297,11 @@ impl Plan {
                 }
                 points = next;
             }
-            out.extend(points.into_iter().map(|(name, train)| Variant { name, train }));
+            out.extend(
+                points
+                    .into_iter()
+                    .map(|(name, train)| Variant { name, train }),
+            );
         }
         Ok(out)
     }
@@ -280,7 +331,9 @@ pub fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Res
     let parts: Vec<&str> = key.split('.').collect();
     let mut t = table;
     for p in &parts[..parts.len() - 1] {
-        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         t = match entry {
             toml::Value::Table(x) => x,
             _ => bail!("grid key `{key}`: `{p}` is not a table"),
@@ -316,7 +369,14 @@ grid = { "method.lambda_max" = [0.1, 0.3] }
         let p = Plan::parse(PLAN).unwrap();
         let v = p.expand().unwrap();
         let names: Vec<_> = v.iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(names, ["topk", "ortho[method.lambda_max=0.1]", "ortho[method.lambda_max=0.3]"]);
+        assert_eq!(
+            names,
+            [
+                "topk",
+                "ortho[method.lambda_max=0.1]",
+                "ortho[method.lambda_max=0.3]"
+            ]
+        );
         let m = v[2].train["method"].as_table().unwrap();
         assert_eq!(m["lambda_max"].as_float(), Some(0.3));
         assert_eq!(m["kind"].as_str(), Some("progressive"));
@@ -327,7 +387,10 @@ grid = { "method.lambda_max" = [0.1, 0.3] }
     #[test]
     fn unknown_keys_get_suggestions() {
         let e = Plan::parse(&PLAN.replace("train_tokens", "train_tokns")).unwrap_err();
-        assert!(format!("{e:#}").contains("did you mean `train_tokens`"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("did you mean `train_tokens`"),
+            "{e:#}"
+        );
         let e = Plan::parse(&PLAN.replace("grid =", "gird =")).unwrap_err();
         assert!(format!("{e:#}").contains("did you mean `grid`"), "{e:#}");
     }
@@ -337,15 +400,24 @@ grid = { "method.lambda_max" = [0.1, 0.3] }
         for (from, to, msg) in [
             ("train_tokens = 10000", "train_tokens = 0", "zero steps"),
             ("evals = [\"core\"]", "evals = [\"unlearning\"]", "WMDP"),
-            ("evals = [\"core\"]", "evals = [\"cor\"]", "did you mean `core`"),
+            (
+                "evals = [\"core\"]",
+                "evals = [\"cor\"]",
+                "did you mean `core`",
+            ),
             ("seeds = [1, 2]", "seeds = [1, 1]", "twice"),
         ] {
             let e = Plan::parse(&PLAN.replacen(from, to, 1)).unwrap_err();
             assert!(format!("{e:#}").contains(msg), "{from} -> {e:#}");
         }
-        let dup = PLAN.replacen("name = \"topk\"", "name = \"ortho\"", 1).replace("grid = { \"method.lambda_max\" = [0.1, 0.3] }", "");
+        let dup = PLAN
+            .replacen("name = \"topk\"", "name = \"ortho\"", 1)
+            .replace("grid = { \"method.lambda_max\" = [0.1, 0.3] }", "");
         let e = Plan::parse(&dup).unwrap_err();
-        assert!(format!("{e:#}").contains("two variants are named `ortho`"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("two variants are named `ortho`"),
+            "{e:#}"
+        );
     }
 }
 

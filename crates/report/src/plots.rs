@@ -67,15 +67,31 @@ fn empty_svg(title: &str, why: &str) -> String {
 }
 
 pub fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Line chart of several series (training curves, histograms over bins, curves vs k/N).
 /// `log_x` plots x on a log10 axis (values <= 0 are dropped).
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> String {
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+) -> String {
     let tx = |x: f64| if log_x { x.log10() } else { x };
-    let pts = || series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite() && (!log_x || p.0 > 0.0));
-    let (Some((x0, x1)), Some((y0, y1))) = (bounds(pts().map(|p| tx(p.0))), bounds(pts().map(|p| p.1))) else {
+    let pts = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| p.0.is_finite() && p.1.is_finite() && (!log_x || p.0 > 0.0))
+    };
+    let (Some((x0, x1)), Some((y0, y1))) =
+        (bounds(pts().map(|p| tx(p.0))), bounds(pts().map(|p| p.1)))
+    else {
         return empty_svg(title, "no data recorded");
     };
     let mut out = String::new();
@@ -92,7 +108,13 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
             Ok(c) => c,
             Err(_) => return empty_svg(title, "could not lay out the chart"),
         };
-        let xfmt = |v: &f64| if log_x { format_tick(10f64.powf(*v)) } else { format_tick(*v) };
+        let xfmt = |v: &f64| {
+            if log_x {
+                format_tick(10f64.powf(*v))
+            } else {
+                format_tick(*v)
+            }
+        };
         let _ = chart
             .configure_mesh()
             .x_desc(x_label)
@@ -110,7 +132,9 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
                 .map(|p| (tx(p.0), p.1))
                 .collect();
             if let Ok(a) = chart.draw_series(LineSeries::new(data.clone(), c.stroke_width(2))) {
-                a.label(s.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+                a.label(s.name.clone()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                });
             }
             if data.len() <= 30 {
                 let _ = chart.draw_series(data.iter().map(|p| Circle::new(*p, 3, c.filled())));
@@ -131,9 +155,17 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
 
 /// Scatter plot with error bars and a label per point (sparsity-fidelity frontier).
 pub fn scatter_errors(title: &str, x_label: &str, y_label: &str, points: &[ErrPoint]) -> String {
-    let xs = points.iter().flat_map(|p| [p.x - p.xerr.max(0.0).min(1e9), p.x + p.xerr.max(0.0).min(1e9)]).map(|v| if v.is_finite() { v } else { f64::NAN });
-    let ys = points.iter().flat_map(|p| [p.y - fin(p.yerr), p.y + fin(p.yerr)]);
-    let (Some((x0, x1)), Some((y0, y1))) = (bounds(xs.chain(points.iter().map(|p| p.x))), bounds(ys.chain(points.iter().map(|p| p.y)))) else {
+    let xs = points
+        .iter()
+        .flat_map(|p| [p.x - p.xerr.clamp(0.0, 1e9), p.x + p.xerr.clamp(0.0, 1e9)])
+        .map(|v| if v.is_finite() { v } else { f64::NAN });
+    let ys = points
+        .iter()
+        .flat_map(|p| [p.y - fin(p.yerr), p.y + fin(p.yerr)]);
+    let (Some((x0, x1)), Some((y0, y1))) = (
+        bounds(xs.chain(points.iter().map(|p| p.x))),
+        bounds(ys.chain(points.iter().map(|p| p.y))),
+    ) else {
         return empty_svg(title, "no data recorded");
     };
     let mut out = String::new();
@@ -160,13 +192,22 @@ pub fn scatter_errors(title: &str, x_label: &str, y_label: &str, points: &[ErrPo
         for (i, p) in points.iter().enumerate() {
             let c = color(i);
             if p.yerr.is_finite() && p.yerr > 0.0 {
-                let _ = chart.draw_series(std::iter::once(PathElement::new(vec![(p.x, p.y - p.yerr), (p.x, p.y + p.yerr)], c.stroke_width(1))));
+                let _ = chart.draw_series(std::iter::once(PathElement::new(
+                    vec![(p.x, p.y - p.yerr), (p.x, p.y + p.yerr)],
+                    c.stroke_width(1),
+                )));
             }
             if p.xerr.is_finite() && p.xerr > 0.0 {
-                let _ = chart.draw_series(std::iter::once(PathElement::new(vec![(p.x - p.xerr, p.y), (p.x + p.xerr, p.y)], c.stroke_width(1))));
+                let _ = chart.draw_series(std::iter::once(PathElement::new(
+                    vec![(p.x - p.xerr, p.y), (p.x + p.xerr, p.y)],
+                    c.stroke_width(1),
+                )));
             }
-            if let Ok(a) = chart.draw_series(std::iter::once(Circle::new((p.x, p.y), 5, c.filled()))) {
-                a.label(p.label.clone()).legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
+            if let Ok(a) =
+                chart.draw_series(std::iter::once(Circle::new((p.x, p.y), 5, c.filled())))
+            {
+                a.label(p.label.clone())
+                    .legend(move |(x, y)| Circle::new((x + 8, y), 5, c.filled()));
             }
         }
         let _ = chart
@@ -210,16 +251,32 @@ mod tests {
     #[test]
     fn renders_svg_with_title_and_legend() {
         let s = vec![
-            Series { name: "topk".into(), points: (0..20).map(|i| (i as f64 / 19.0, (i as f64).sqrt())).collect() },
-            Series { name: "ortho".into(), points: (0..20).map(|i| (i as f64 / 19.0, i as f64 * 0.2)).collect() },
+            Series {
+                name: "topk".into(),
+                points: (0..20)
+                    .map(|i| (i as f64 / 19.0, (i as f64).sqrt()))
+                    .collect(),
+            },
+            Series {
+                name: "ortho".into(),
+                points: (0..20).map(|i| (i as f64 / 19.0, i as f64 * 0.2)).collect(),
+            },
         ];
         let svg = line_chart("FVU over training", "p", "fvu", &s, false);
-        assert!(svg.starts_with("<svg") && svg.contains("FVU over training") && svg.contains("ortho"));
+        assert!(
+            svg.starts_with("<svg") && svg.contains("FVU over training") && svg.contains("ortho")
+        );
         let e = scatter_errors(
             "frontier",
             "L0",
             "EV",
-            &[ErrPoint { label: "a".into(), x: 32.0, y: 0.8, xerr: 0.0, yerr: 0.01 }],
+            &[ErrPoint {
+                label: "a".into(),
+                x: 32.0,
+                y: 0.8,
+                xerr: 0.0,
+                yerr: 0.01,
+            }],
         );
         assert!(e.contains("<svg") && e.contains("frontier"));
         let none = line_chart("empty", "x", "y", &[], false);

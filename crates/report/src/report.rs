@@ -60,7 +60,13 @@ struct Section {
 
 impl Section {
     fn new(title: &str, text: &str) -> Self {
-        Section { title: title.into(), text: text.into(), md: String::new(), html: String::new(), plots: Vec::new() }
+        Section {
+            title: title.into(),
+            text: text.into(),
+            md: String::new(),
+            html: String::new(),
+            plots: Vec::new(),
+        }
     }
 }
 
@@ -77,7 +83,11 @@ fn ordered_variants(input: &ReportInput) -> Vec<String> {
 }
 
 fn values(records: &[SeedRecord], variant: &str, key: &str) -> Vec<f64> {
-    records.iter().filter(|r| r.variant == variant).filter_map(|r| r.flat_metrics().get(key).copied()).collect()
+    records
+        .iter()
+        .filter(|r| r.variant == variant)
+        .filter_map(|r| r.flat_metrics().get(key).copied())
+        .collect()
 }
 
 /// A table of one or more metrics: rows = variants, mean ± CI and Δ vs baseline ± CI.
@@ -86,7 +96,12 @@ fn metric_table(input: &ReportInput, variants: &[String], keys: &[String]) -> (S
     let mut html = String::from("<table><tr><th>variant</th>");
     for k in keys {
         let _ = write!(md, " {k} | Δ vs {} |", input.baseline);
-        let _ = write!(html, "<th>{}</th><th>Δ vs {}</th>", html_escape(k), html_escape(&input.baseline));
+        let _ = write!(
+            html,
+            "<th>{}</th><th>Δ vs {}</th>",
+            html_escape(k),
+            html_escape(&input.baseline)
+        );
     }
     md.push('\n');
     md.push_str(&"|---".repeat(1 + 2 * keys.len()));
@@ -115,7 +130,12 @@ fn metric_table(input: &ReportInput, variants: &[String], keys: &[String]) -> (S
                 }
             };
             let _ = write!(md, " {} | {} |", format_summary(&s), diff);
-            let _ = write!(html, "<td>{}</td><td>{}</td>", html_escape(&format_summary(&s)), html_escape(&diff));
+            let _ = write!(
+                html,
+                "<td>{}</td><td>{}</td>",
+                html_escape(&format_summary(&s)),
+                html_escape(&diff)
+            );
         }
         md.push('\n');
         html.push_str("</tr>");
@@ -130,16 +150,30 @@ fn flags(input: &ReportInput, r: &SeedRecord) -> Vec<String> {
         f.push("ZERO STEPS".to_string());
     }
     let flat = r.flat_metrics();
-    let nonfinite: Vec<&String> = flat.iter().filter(|(_, v)| !v.is_finite()).map(|(k, _)| k).collect();
+    let nonfinite: Vec<&String> = flat
+        .iter()
+        .filter(|(_, v)| !v.is_finite())
+        .map(|(k, _)| k)
+        .collect();
     if !nonfinite.is_empty() {
-        f.push(format!("non-finite: {}", nonfinite.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+        f.push(format!(
+            "non-finite: {}",
+            nonfinite
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if r.summary.get("diverged").and_then(Value::as_bool) == Some(true) {
         f.push("loss became NaN/Inf".into());
     }
     if let Some(d) = flat.get("train.dead_fraction") {
         if *d > input.flag_dead_fraction {
-            f.push(format!("dead fraction {d:.3} > {}", input.flag_dead_fraction));
+            f.push(format!(
+                "dead fraction {d:.3} > {}",
+                input.flag_dead_fraction
+            ));
         }
     }
     f
@@ -159,14 +193,19 @@ fn mean_curve(records: &[&SeedRecord], key: &str) -> Vec<(f64, f64)> {
     let mut acc: BTreeMap<i64, (f64, f64, usize)> = BTreeMap::new();
     for r in records {
         for row in &r.curve {
-            let (Some(p), Some(v)) = (curve_progress(r, row), row.get(key).and_then(Value::as_f64)) else { continue };
+            let (Some(p), Some(v)) = (curve_progress(r, row), row.get(key).and_then(Value::as_f64))
+            else {
+                continue;
+            };
             let e = acc.entry((p * 1e6).round() as i64).or_insert((0.0, 0.0, 0));
             e.0 += p;
             e.1 += v;
             e.2 += 1;
         }
     }
-    acc.values().map(|(p, v, n)| (p / *n as f64, v / *n as f64)).collect()
+    acc.values()
+        .map(|(p, v, n)| (p / *n as f64, v / *n as f64))
+        .collect()
 }
 
 fn curve_sections(input: &ReportInput, variants: &[String]) -> (Section, Section, Section) {
@@ -188,7 +227,9 @@ fn curve_sections(input: &ReportInput, variants: &[String]) -> (Section, Section
         for row in &r.curve {
             for (k, v) in row {
                 match v {
-                    Value::Number(_) if !["step", "p", "tokens", "elapsed_s", "time"].contains(&k.as_str()) => {
+                    Value::Number(_)
+                        if !["step", "p", "tokens", "elapsed_s", "time"].contains(&k.as_str()) =>
+                    {
                         scalar_keys.insert(k.clone());
                     }
                     Value::Array(a) if a.iter().all(Value::is_number) && !a.is_empty() => {
@@ -203,8 +244,12 @@ fn curve_sections(input: &ReportInput, variants: &[String]) -> (Section, Section
         let series: Vec<Series> = variants
             .iter()
             .map(|v| {
-                let rs: Vec<&SeedRecord> = input.records.iter().filter(|r| &r.variant == v).collect();
-                Series { name: v.clone(), points: mean_curve(&rs, key) }
+                let rs: Vec<&SeedRecord> =
+                    input.records.iter().filter(|r| &r.variant == v).collect();
+                Series {
+                    name: v.clone(),
+                    points: mean_curve(&rs, key),
+                }
             })
             .filter(|s| !s.points.is_empty())
             .collect();
@@ -213,18 +258,36 @@ fn curve_sections(input: &ReportInput, variants: &[String]) -> (Section, Section
         }
         let svg = line_chart(key, "training progress p", key, &series, false);
         let lk = key.to_lowercase();
-        let target = if ["reactiv", "interference", "diversity", "effective_rank"].iter().any(|w| lk.contains(w)) {
+        let target = if ["reactiv", "interference", "diversity", "effective_rank"]
+            .iter()
+            .any(|w| lk.contains(w))
+        {
             &mut selfc
-        } else if ["cos", "coact", "c_ij", "pairs", "threshold", "penalty", "sep"].iter().any(|w| lk.contains(w)) {
+        } else if [
+            "cos",
+            "coact",
+            "c_ij",
+            "pairs",
+            "threshold",
+            "penalty",
+            "sep",
+        ]
+        .iter()
+        .any(|w| lk.contains(w))
+        {
             &mut sep
         } else {
             &mut curves
         };
-        target.plots.push((format!("curve_{}", crate::results::sanitize(key)), svg));
+        target
+            .plots
+            .push((format!("curve_{}", crate::results::sanitize(key)), svg));
     }
     for key in &hist_keys {
         for v in variants {
-            let Some(r) = input.records.iter().find(|r| &r.variant == v) else { continue };
+            let Some(r) = input.records.iter().find(|r| &r.variant == v) else {
+                continue;
+            };
             let rows: Vec<(f64, &Vec<Value>)> = r
                 .curve
                 .iter()
@@ -239,15 +302,38 @@ fn curve_sections(input: &ReportInput, variants: &[String]) -> (Section, Section
                     .iter()
                     .min_by(|a, b| (a.0 - target).abs().total_cmp(&(b.0 - target).abs()))
                     .unwrap();
-                if series.iter().any(|s: &Series| s.name == format!("p={p:.2}")) {
+                if series
+                    .iter()
+                    .any(|s: &Series| s.name == format!("p={p:.2}"))
+                {
                     continue;
                 }
                 let n = h.len() as f64;
-                let pts = h.iter().enumerate().filter_map(|(i, x)| Some(((i as f64 + 0.5) / n, x.as_f64()?))).collect();
-                series.push(Series { name: format!("p={p:.2}"), points: pts });
+                let pts = h
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, x)| Some(((i as f64 + 0.5) / n, x.as_f64()?)))
+                    .collect();
+                series.push(Series {
+                    name: format!("p={p:.2}"),
+                    points: pts,
+                });
             }
-            let svg = line_chart(&format!("{key}: {v}"), "bin (fraction of range)", key, &series, false);
-            sep.plots.push((format!("hist_{}_{}", crate::results::sanitize(key), crate::results::sanitize(v)), svg));
+            let svg = line_chart(
+                &format!("{key}: {v}"),
+                "bin (fraction of range)",
+                key,
+                &series,
+                false,
+            );
+            sep.plots.push((
+                format!(
+                    "hist_{}_{}",
+                    crate::results::sanitize(key),
+                    crate::results::sanitize(v)
+                ),
+                svg,
+            ));
         }
     }
     (curves, sep, selfc)
@@ -270,7 +356,11 @@ fn eval_sections(input: &ReportInput, variants: &[String]) -> Section {
         "Evaluations by k and N",
         "Probing accuracy against the number of latents k, TPP/SCR against the number of ablated latents N, absorption per letter (means over seeds).",
     );
-    let keys: BTreeSet<String> = input.records.iter().flat_map(|r| r.flat_metrics().into_keys()).collect();
+    let keys: BTreeSet<String> = input
+        .records
+        .iter()
+        .flat_map(|r| r.flat_metrics().into_keys())
+        .collect();
     let mut families: BTreeMap<String, Vec<(f64, String)>> = BTreeMap::new();
     for k in &keys {
         for marker in ["_top_", "_threshold_"] {
@@ -288,27 +378,65 @@ fn eval_sections(input: &ReportInput, variants: &[String]) -> Section {
             .iter()
             .map(|v| Series {
                 name: v.clone(),
-                points: members.iter().filter_map(|(n, k)| Some((*n, summarize(&values(input.records, v, k)).mean)).filter(|p| p.1.is_finite())).collect(),
+                points: members
+                    .iter()
+                    .filter_map(|(n, k)| {
+                        Some((*n, summarize(&values(input.records, v, k)).mean))
+                            .filter(|p| p.1.is_finite())
+                    })
+                    .collect(),
             })
             .filter(|s| !s.points.is_empty())
             .collect();
-        let xl = if pat.contains("_top_") { "k (latents)" } else { "N (ablated latents)" };
-        s.plots.push((format!("family_{}", crate::results::sanitize(&pat)), line_chart(&pat, xl, "value", &series, true)));
+        let xl = if pat.contains("_top_") {
+            "k (latents)"
+        } else {
+            "N (ablated latents)"
+        };
+        s.plots.push((
+            format!("family_{}", crate::results::sanitize(&pat)),
+            line_chart(&pat, xl, "value", &series, true),
+        ));
     }
     // Absorption per letter, from eval_result_details.
     let mut per_letter: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for r in input.records {
-        let Some(Value::Array(details)) = r.evals.get("absorption_first_letter").and_then(|j| j.get("eval_result_details")) else { continue };
+        let Some(Value::Array(details)) = r
+            .evals
+            .get("absorption_first_letter")
+            .and_then(|j| j.get("eval_result_details"))
+        else {
+            continue;
+        };
         for d in details {
-            let Some(letter) = d.get("first_letter").or_else(|| d.get("letter")).and_then(Value::as_str) else { continue };
-            for field in ["mean_absorption_fraction", "absorption_rate", "full_absorption_rate", "mean_full_absorption"] {
+            let Some(letter) = d
+                .get("first_letter")
+                .or_else(|| d.get("letter"))
+                .and_then(Value::as_str)
+            else {
+                continue;
+            };
+            for field in [
+                "mean_absorption_fraction",
+                "absorption_rate",
+                "full_absorption_rate",
+                "mean_full_absorption",
+            ] {
                 if let Some(x) = d.get(field).and_then(Value::as_f64) {
-                    per_letter.entry(format!("{}|{field}", r.variant)).or_default().entry(letter.to_string()).or_default().push(x);
+                    per_letter
+                        .entry(format!("{}|{field}", r.variant))
+                        .or_default()
+                        .entry(letter.to_string())
+                        .or_default()
+                        .push(x);
                 }
             }
         }
     }
-    let fields: BTreeSet<String> = per_letter.keys().filter_map(|k| k.split('|').nth(1).map(String::from)).collect();
+    let fields: BTreeSet<String> = per_letter
+        .keys()
+        .filter_map(|k| k.split('|').nth(1).map(String::from))
+        .collect();
     for field in fields {
         let series: Vec<Series> = variants
             .iter()
@@ -316,11 +444,28 @@ fn eval_sections(input: &ReportInput, variants: &[String]) -> Section {
                 let m = per_letter.get(&format!("{v}|{field}"))?;
                 Some(Series {
                     name: v.clone(),
-                    points: m.iter().map(|(l, xs)| ((l.as_bytes()[0].to_ascii_lowercase() - b'a') as f64, summarize(xs).mean)).collect(),
+                    points: m
+                        .iter()
+                        .map(|(l, xs)| {
+                            (
+                                (l.as_bytes()[0].to_ascii_lowercase() - b'a') as f64,
+                                summarize(xs).mean,
+                            )
+                        })
+                        .collect(),
                 })
             })
             .collect();
-        s.plots.push((format!("absorption_{field}"), line_chart(&format!("absorption per letter: {field}"), "letter (a = 0 ... z = 25)", &field, &series, false)));
+        s.plots.push((
+            format!("absorption_{field}"),
+            line_chart(
+                &format!("absorption per letter: {field}"),
+                "letter (a = 0 ... z = 25)",
+                &field,
+                &series,
+                false,
+            ),
+        ));
     }
     s
 }
@@ -331,12 +476,20 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
     let mut sections: Vec<Section> = Vec::new();
 
     // Setup and per-variant bookkeeping.
-    let mut setup = Section::new("Setup", "What was trained, on what, and for how long. Flags mark results that must not be trusted.");
+    let mut setup = Section::new(
+        "Setup",
+        "What was trained, on what, and for how long. Flags mark results that must not be trusted.",
+    );
     setup.md.push_str("| setting | value |\n|---|---|\n");
     setup.html.push_str("<table>");
     for (k, v) in &input.setup {
         let _ = writeln!(setup.md, "| {k} | {v} |");
-        let _ = write!(setup.html, "<tr><th>{}</th><td>{}</td></tr>", html_escape(k), html_escape(v));
+        let _ = write!(
+            setup.html,
+            "<tr><th>{}</th><td>{}</td></tr>",
+            html_escape(k),
+            html_escape(v)
+        );
     }
     setup.html.push_str("</table>");
     setup.md.push_str("\n| variant | seed | steps | tokens trained | wall time (s) | flags |\n|---|---|---|---|---|---|\n");
@@ -344,8 +497,17 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
     for v in &variants {
         for r in input.records.iter().filter(|r| &r.variant == v) {
             let fl = flags(input, r).join("; ");
-            let (steps, tokens, wall) = (r.num("steps").unwrap_or(0.0), r.num("tokens").unwrap_or(0.0), r.num("wall_seconds").unwrap_or(f64::NAN));
-            let _ = writeln!(setup.md, "| {v} | {} | {steps:.0} | {tokens:.0} | {wall:.1} | {} |", r.seed, if fl.is_empty() { "—" } else { &fl });
+            let (steps, tokens, wall) = (
+                r.num("steps").unwrap_or(0.0),
+                r.num("tokens").unwrap_or(0.0),
+                r.num("wall_seconds").unwrap_or(f64::NAN),
+            );
+            let _ = writeln!(
+                setup.md,
+                "| {v} | {} | {steps:.0} | {tokens:.0} | {wall:.1} | {} |",
+                r.seed,
+                if fl.is_empty() { "—" } else { &fl }
+            );
             let cls = if fl.is_empty() { "" } else { " class=\"flag\"" };
             let _ = write!(
                 setup.html,
@@ -360,8 +522,16 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
     sections.push(setup);
 
     // Headline table.
-    let all_keys: BTreeSet<String> = input.records.iter().flat_map(|r| r.flat_metrics().into_keys()).collect();
-    let headline: Vec<String> = HEADLINE.iter().filter(|h| all_keys.contains(**h)).map(|h| h.to_string()).collect();
+    let all_keys: BTreeSet<String> = input
+        .records
+        .iter()
+        .flat_map(|r| r.flat_metrics().into_keys())
+        .collect();
+    let headline: Vec<String> = HEADLINE
+        .iter()
+        .filter(|h| all_keys.contains(**h))
+        .map(|h| h.to_string())
+        .collect();
     let mut head = Section::new(
         "Headline metrics",
         "Mean ± 95% confidence interval over seeds (Student t), and the difference to the baseline with a Welch 95% interval. With one seed no interval exists and n=1 is shown.",
@@ -376,7 +546,9 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
 
     // Frontier.
     let mut front = Section::new("Sparsity-fidelity frontier", "Each point is a variant (mean over seeds, bars = 95% intervals): further up and to the left is better.");
-    let l0_key = ["core.sparsity.l0", "train.l0"].into_iter().find(|k| all_keys.contains(*k));
+    let l0_key = ["core.sparsity.l0", "train.l0"]
+        .into_iter()
+        .find(|k| all_keys.contains(*k));
     if let Some(l0k) = l0_key {
         for yk in [
             "core.reconstruction_quality.explained_variance_conventional",
@@ -390,12 +562,24 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
             let pts: Vec<ErrPoint> = variants
                 .iter()
                 .map(|v| {
-                    let (x, y) = (summarize(&values(input.records, v, l0k)), summarize(&values(input.records, v, yk)));
-                    ErrPoint { label: v.clone(), x: x.mean, y: y.mean, xerr: x.ci95, yerr: y.ci95 }
+                    let (x, y) = (
+                        summarize(&values(input.records, v, l0k)),
+                        summarize(&values(input.records, v, yk)),
+                    );
+                    ErrPoint {
+                        label: v.clone(),
+                        x: x.mean,
+                        y: y.mean,
+                        xerr: x.ci95,
+                        yerr: y.ci95,
+                    }
                 })
                 .filter(|p| p.x.is_finite() && p.y.is_finite())
                 .collect();
-            front.plots.push((format!("frontier_{}", crate::results::sanitize(yk)), scatter_errors(&format!("{yk} vs L0"), l0k, yk, &pts)));
+            front.plots.push((
+                format!("frontier_{}", crate::results::sanitize(yk)),
+                scatter_errors(&format!("{yk} vs L0"), l0k, yk, &pts),
+            ));
         }
     }
     sections.push(front);
@@ -409,7 +593,10 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
     sections.push(eval_sections(input, &variants));
 
     // Every metric.
-    let mut all = Section::new("All metrics", "Every scalar stored for this run, one row block per metric.");
+    let mut all = Section::new(
+        "All metrics",
+        "Every scalar stored for this run, one row block per metric.",
+    );
     let keys: Vec<String> = all_keys.into_iter().collect();
     for chunk in keys.chunks(2) {
         let (md, html) = metric_table(input, &variants, chunk);
@@ -434,7 +621,13 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
     html.push_str("</nav>");
     for (i, s) in sections.iter().enumerate() {
         let _ = write!(md, "## {}\n\n{}\n\n{}\n", s.title, s.text, s.md);
-        let _ = write!(html, "<section id=\"s{i}\"><h2>{}</h2><p>{}</p>{}", html_escape(&s.title), html_escape(&s.text), s.html);
+        let _ = write!(
+            html,
+            "<section id=\"s{i}\"><h2>{}</h2><p>{}</p>{}",
+            html_escape(&s.title),
+            html_escape(&s.text),
+            s.html
+        );
         if s.plots.is_empty() && s.md.is_empty() {
             md.push_str("_Nothing recorded for this section in this run._\n\n");
             html.push_str("<p class=\"none\">Nothing recorded for this section in this run.</p>");
@@ -475,7 +668,14 @@ mod tests {
             "core".to_string(),
             json!({"eval_type_id": "core", "eval_result_metrics": {"reconstruction_quality": {"explained_variance": ev}, "sparsity": {"l0": 32.0 + seed as f64}}}),
         );
-        SeedRecord { variant: variant.into(), seed, dir: Default::default(), summary: summary.as_object().unwrap().clone(), curve, evals }
+        SeedRecord {
+            variant: variant.into(),
+            seed,
+            dir: Default::default(),
+            summary: summary.as_object().unwrap().clone(),
+            curve,
+            evals,
+        }
     }
 
     #[test]
@@ -498,7 +698,15 @@ mod tests {
         write_report(&dir, &input).unwrap();
         let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
-        for s in ["Setup", "Headline metrics", "Sparsity-fidelity frontier", "Training curves", "Feature separation", "Self-correcting", "All metrics"] {
+        for s in [
+            "Setup",
+            "Headline metrics",
+            "Sparsity-fidelity frontier",
+            "Training curves",
+            "Feature separation",
+            "Self-correcting",
+            "All metrics",
+        ] {
             assert!(html.contains(s) && md.contains(s), "missing section {s}");
         }
         assert!(md.contains("ZERO STEPS"));

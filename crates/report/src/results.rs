@@ -22,13 +22,21 @@ use std::path::{Path, PathBuf};
 pub const RUN_FORMAT_VERSION: u64 = 1;
 
 pub fn variant_dir(run: &Path, variant: &str, seed: u64) -> PathBuf {
-    run.join("variants").join(sanitize(variant)).join(format!("seed-{seed}"))
+    run.join("variants")
+        .join(sanitize(variant))
+        .join(format!("seed-{seed}"))
 }
 
 /// Variant names may contain grid brackets and `=`; keep directory names portable.
 pub fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.=,[]".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.=,[]".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -69,7 +77,10 @@ impl SeedRecord {
             // Method metrics come as [name, value] pairs.
             if let Some(Value::Array(extra)) = f.get("extra") {
                 for pair in extra {
-                    if let (Some(k), Some(x)) = (pair.get(0).and_then(Value::as_str), pair.get(1).and_then(Value::as_f64)) {
+                    if let (Some(k), Some(x)) = (
+                        pair.get(0).and_then(Value::as_str),
+                        pair.get(1).and_then(Value::as_f64),
+                    ) {
                         out.insert(format!("train.{k}"), x);
                     }
                 }
@@ -94,7 +105,8 @@ impl SeedRecord {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -143,7 +155,9 @@ pub fn load_records(run: &Path) -> Result<Vec<SeedRecord>> {
         return Ok(out);
     };
     for v in variants.flatten() {
-        let Ok(seeds) = std::fs::read_dir(v.path()) else { continue };
+        let Ok(seeds) = std::fs::read_dir(v.path()) else {
+            continue;
+        };
         for s in seeds.flatten() {
             let dir = s.path();
             let summary_path = dir.join("summary.json");
@@ -154,7 +168,11 @@ pub fn load_records(run: &Path) -> Result<Vec<SeedRecord>> {
                 Value::Object(m) => m,
                 _ => bail!("{} is not a JSON object", summary_path.display()),
             };
-            let variant = summary.get("variant").and_then(Value::as_str).unwrap_or_default().to_string();
+            let variant = summary
+                .get("variant")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             let seed = summary.get("seed").and_then(Value::as_u64).unwrap_or(0);
             let curve = read_jsonl(&dir.join("metrics.jsonl"))?;
             let mut evals = BTreeMap::new();
@@ -168,12 +186,21 @@ pub fn load_records(run: &Path) -> Result<Vec<SeedRecord>> {
                             .get("eval_type_id")
                             .and_then(Value::as_str)
                             .map(String::from)
-                            .unwrap_or_else(|| p.file_stem().unwrap().to_string_lossy().into_owned());
+                            .unwrap_or_else(|| {
+                                p.file_stem().unwrap().to_string_lossy().into_owned()
+                            });
                         evals.insert(name, json);
                     }
                 }
             }
-            out.push(SeedRecord { variant, seed, dir, summary, curve, evals });
+            out.push(SeedRecord {
+                variant,
+                seed,
+                dir,
+                summary,
+                curve,
+                evals,
+            });
         }
     }
     out.sort_by(|a, b| (&a.variant, a.seed).cmp(&(&b.variant, b.seed)));
@@ -194,7 +221,11 @@ pub fn write_results_table(run: &Path, records: &[SeedRecord]) -> Result<()> {
     csv.push('\n');
     let mut rows = Vec::new();
     for (r, f) in records.iter().zip(&flats) {
-        csv.push_str(&format!("\"{}\",{}", r.variant.replace('"', "\"\""), r.seed));
+        csv.push_str(&format!(
+            "\"{}\",{}",
+            r.variant.replace('"', "\"\""),
+            r.seed
+        ));
         let mut obj = Map::new();
         obj.insert("variant".into(), Value::from(r.variant.clone()));
         obj.insert("seed".into(), Value::from(r.seed));
@@ -202,7 +233,12 @@ pub fn write_results_table(run: &Path, records: &[SeedRecord]) -> Result<()> {
             csv.push(',');
             if let Some(v) = f.get(c) {
                 csv.push_str(&format!("{v}"));
-                obj.insert(c.clone(), serde_json::Number::from_f64(*v).map(Value::Number).unwrap_or(Value::Null));
+                obj.insert(
+                    c.clone(),
+                    serde_json::Number::from_f64(*v)
+                        .map(Value::Number)
+                        .unwrap_or(Value::Null),
+                );
             }
         }
         csv.push('\n');

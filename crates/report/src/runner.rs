@@ -9,7 +9,9 @@
 
 use crate::plan::{Plan, Variant};
 use crate::report::{write_report, ReportInput};
-use crate::results::{check_run_format, load_records, variant_dir, write_results_table, RUN_FORMAT_VERSION};
+use crate::results::{
+    check_run_format, load_records, variant_dir, write_results_table, RUN_FORMAT_VERSION,
+};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use saelab_core::fsutil::write_atomic;
@@ -27,7 +29,15 @@ use std::time::Instant;
 pub trait Evaluator {
     /// Evaluate the SAE in `sae_dir` with `evals`, writing `<eval>.json` files into
     /// `out_dir` (atomically; an existing file means done).
-    fn evaluate(&self, model: &Model, sae_dir: &Path, evals: &[String], out_dir: &Path, seed: u64, sizes: &str) -> Result<()>;
+    fn evaluate(
+        &self,
+        model: &Model,
+        sae_dir: &Path,
+        evals: &[String],
+        out_dir: &Path,
+        seed: u64,
+        sizes: &str,
+    ) -> Result<()>;
 }
 
 pub struct RunOptions {
@@ -39,7 +49,10 @@ pub struct RunOptions {
 pub fn variant_config(plan: &Plan, v: &Variant, seed: u64) -> Result<TrainConfig> {
     let mut t = v.train.clone();
     t.insert("seed".into(), toml::Value::Integer(seed as i64));
-    t.insert("total_tokens".into(), toml::Value::Integer(plan.train_tokens as i64));
+    t.insert(
+        "total_tokens".into(),
+        toml::Value::Integer(plan.train_tokens as i64),
+    );
     let mut cfg: TrainConfig = toml::Value::Table(t)
         .try_into()
         .with_context(|| format!("variant `{}`: invalid training settings", v.name))?;
@@ -72,11 +85,19 @@ fn bar(progress: bool, len: u64) -> ProgressBar {
 }
 
 /// Run (or resume) a plan. Returns the path of report.html.
-pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &RunOptions) -> Result<PathBuf> {
+pub fn run_plan(
+    plan: &Plan,
+    plan_text: &str,
+    evaluator: &dyn Evaluator,
+    opts: &RunOptions,
+) -> Result<PathBuf> {
     let run = &opts.run_dir;
     check_run_format(run)?;
     let variants = plan.expand()?;
-    let hook: HookPoint = plan.hook.parse().with_context(|| format!("plan `{}`: bad hook", plan.name))?;
+    let hook: HookPoint = plan
+        .hook
+        .parse()
+        .with_context(|| format!("plan `{}`: bad hook", plan.name))?;
     // Every config is checked before anything is computed.
     let mut configs = Vec::new();
     for v in &variants {
@@ -90,16 +111,26 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
     }
     let plan_path = run.join("plan.toml");
     if plan_path.exists() {
-        let old = std::fs::read_to_string(&plan_path).with_context(|| format!("cannot read {}", plan_path.display()))?;
-        let old_plan = Plan::parse(&old).with_context(|| format!("{} (from an earlier run) is not a valid plan", plan_path.display()))?;
+        let old = std::fs::read_to_string(&plan_path)
+            .with_context(|| format!("cannot read {}", plan_path.display()))?;
+        let old_plan = Plan::parse(&old).with_context(|| {
+            format!(
+                "{} (from an earlier run) is not a valid plan",
+                plan_path.display()
+            )
+        })?;
         if toml::to_string(&old_plan)? != toml::to_string(plan)? {
             bail!("{} holds a different plan; resume it with the same plan or choose a new run directory", run.display());
         }
     }
-    std::fs::create_dir_all(run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create run directory {}", run.display()))?;
     write_atomic(&plan_path, plan_text.as_bytes())?;
     let stamp = json!({"format_version": RUN_FORMAT_VERSION, "saelab_version": env!("CARGO_PKG_VERSION"), "plan": plan.name});
-    write_atomic(&run.join("saelab-run.json"), serde_json::to_string_pretty(&stamp)?.as_bytes())?;
+    write_atomic(
+        &run.join("saelab-run.json"),
+        serde_json::to_string_pretty(&stamp)?.as_bytes(),
+    )?;
 
     let n_items = 1 + plan.seeds.len() + variants.len() * plan.seeds.len();
     let overall = bar(opts.progress, n_items as u64);
@@ -108,12 +139,20 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
     // Stage 1: activations.
     overall.set_message("loading the model");
     let model_path = saelab_core::assets::resolve_model(&plan.model)?;
-    let model = Model::load(&model_path).with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::load(&model_path)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
     hook.check(model.config().n_layers)?;
     let store_dir = run.join("activations");
     overall.set_message("caching activations");
-    tracing::info!("stage 1/3: activations of {} at {} into {}", model.config().name, plan.hook, store_dir.display());
-    let complete = ActivationStore::open(&store_dir).map(|s| s.manifest().complete).unwrap_or(false);
+    tracing::info!(
+        "stage 1/3: activations of {} at {} into {}",
+        model.config().name,
+        plan.hook,
+        store_dir.display()
+    );
+    let complete = ActivationStore::open(&store_dir)
+        .map(|s| s.manifest().complete)
+        .unwrap_or(false);
     if !complete {
         let dataset = load_corpus(&plan.corpus)?;
         let mut co = CacheOptions::new(hook);
@@ -131,19 +170,45 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
         tracing::info!("stage 2/3: training seed {seed}");
         let todo: Vec<&(Variant, u64, TrainConfig)> = configs
             .iter()
-            .filter(|(v, s, _)| *s == seed && !variant_dir(run, &v.name, seed).join("summary.json").exists())
+            .filter(|(v, s, _)| {
+                *s == seed
+                    && !variant_dir(run, &v.name, seed)
+                        .join("summary.json")
+                        .exists()
+            })
             .collect();
         if !todo.is_empty() {
-            let cfgs: Vec<TrainConfig> = todo.iter().map(|(_, _, c)| {
-                let mut c = c.clone();
-                c.metadata.model_name = model.config().name.clone();
-                c
-            }).collect();
-            let dirs: Vec<PathBuf> = todo.iter().map(|(v, s, _)| variant_dir(run, &v.name, *s)).collect();
-            let resume = dirs.iter().any(|d| d.join("checkpoint.safetensors").exists());
-            let mut source = ShuffledReader::new(store.clone(), ShuffleOptions { seed, ..Default::default() });
-            let topts = TrainOptions { resume, overwrite: !resume, progress: opts.progress, loop_source: true, ..Default::default() };
-            let summaries = train(&cfgs, &mut source, &dirs, topts).with_context(|| format!("training seed {seed}"))?;
+            let cfgs: Vec<TrainConfig> = todo
+                .iter()
+                .map(|(_, _, c)| {
+                    let mut c = c.clone();
+                    c.metadata.model_name = model.config().name.clone();
+                    c
+                })
+                .collect();
+            let dirs: Vec<PathBuf> = todo
+                .iter()
+                .map(|(v, s, _)| variant_dir(run, &v.name, *s))
+                .collect();
+            let resume = dirs
+                .iter()
+                .any(|d| d.join("checkpoint.safetensors").exists());
+            let mut source = ShuffledReader::new(
+                store.clone(),
+                ShuffleOptions {
+                    seed,
+                    ..Default::default()
+                },
+            );
+            let topts = TrainOptions {
+                resume,
+                overwrite: !resume,
+                progress: opts.progress,
+                loop_source: true,
+                ..Default::default()
+            };
+            let summaries = train(&cfgs, &mut source, &dirs, topts)
+                .with_context(|| format!("training seed {seed}"))?;
             for (((v, s, c), sum), dir) in todo.iter().zip(&summaries).zip(&dirs) {
                 let fin = serde_json::to_value(&sum.final_metrics)?;
                 let summary = json!({
@@ -151,7 +216,10 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
                     "tokens": sum.tokens, "wall_seconds": sum.wall_seconds, "tokens_per_second": sum.tokens_per_second,
                     "architecture": c.architecture, "d_sae": c.d_sae, "k": c.k, "final": fin,
                 });
-                write_atomic(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+                write_atomic(
+                    &dir.join("summary.json"),
+                    serde_json::to_string_pretty(&summary)?.as_bytes(),
+                )?;
             }
         }
         overall.inc(1);
@@ -169,16 +237,29 @@ pub fn run_plan(plan: &Plan, plan_text: &str, evaluator: &dyn Evaluator, opts: &
             }
         }
         if !missing.is_empty() {
-            tracing::info!("stage 3/3: evaluating {} seed {seed}: {}", v.name, missing.join(", "));
+            tracing::info!(
+                "stage 3/3: evaluating {} seed {seed}: {}",
+                v.name,
+                missing.join(", ")
+            );
             let t = Instant::now();
-            evaluator.evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
+            evaluator
+                .evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
                 .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
-            tracing::info!("evaluated {} seed {seed} in {:.0} s", v.name, t.elapsed().as_secs_f64());
+            tracing::info!(
+                "evaluated {} seed {seed} in {:.0} s",
+                v.name,
+                t.elapsed().as_secs_f64()
+            );
         }
         overall.inc(1);
     }
     overall.finish_with_message(format!("done in {:.0} s", t0.elapsed().as_secs_f64()));
-    tracing::info!("experiment {} done in {:.0} s", plan.name, t0.elapsed().as_secs_f64());
+    tracing::info!(
+        "experiment {} done in {:.0} s",
+        plan.name,
+        t0.elapsed().as_secs_f64()
+    );
     write_run_report(run, plan)
 }
 
@@ -194,7 +275,14 @@ pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
         ("corpus".to_string(), plan.corpus.clone()),
         ("tokens per SAE".to_string(), plan.train_tokens.to_string()),
         ("context length".to_string(), plan.ctx_len.to_string()),
-        ("seeds".to_string(), plan.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        (
+            "seeds".to_string(),
+            plan.seeds
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("evaluations".to_string(), plan.evals.join(", ")),
         ("evaluation sizes".to_string(), plan.eval_sizes.clone()),
     ];
@@ -216,12 +304,19 @@ mod tests {
 
     #[test]
     fn every_shipped_variant_config_is_valid_before_compute() {
-        for text in [include_str!("../../../plans/quickstart.toml"), include_str!("../../../plans/research.toml")] {
+        for text in [
+            include_str!("../../../plans/quickstart.toml"),
+            include_str!("../../../plans/research.toml"),
+        ] {
             let plan = Plan::parse(text).unwrap();
             for v in plan.expand().unwrap() {
-                let c = variant_config(&plan, &v, 0).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
-                c.resolved(576).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
-                c.method.build(576, c.d_sae, 0).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+                let c =
+                    variant_config(&plan, &v, 0).unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+                c.resolved(576)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
+                c.method
+                    .build(576, c.d_sae, 0)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", v.name));
             }
         }
     }
@@ -234,7 +329,12 @@ mod tests {
         );
         let plan = Plan::parse(&text).unwrap();
         let v = &plan.expand().unwrap()[0];
-        let e = variant_config(&plan, v, 0).and_then(|c| c.resolved(576)).unwrap_err();
-        assert!(format!("{e:#}").contains("needs a ReLU-type architecture"), "{e:#}");
+        let e = variant_config(&plan, v, 0)
+            .and_then(|c| c.resolved(576))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("needs a ReLU-type architecture"),
+            "{e:#}"
+        );
     }
 }

@@ -11,7 +11,7 @@ const T975: [f64; 30] = [
 
 /// t quantile for a 95% two-sided interval; fractional dof are rounded down (conservative).
 pub fn t_quantile_975(dof: f64) -> f64 {
-    if !(dof >= 1.0) {
+    if dof.is_nan() || dof < 1.0 {
         return f64::NAN;
     }
     let d = dof.floor() as usize;
@@ -38,15 +38,30 @@ pub fn summarize(values: &[f64]) -> Summary {
     let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     let n = v.len();
     if n == 0 {
-        return Summary { n, mean: f64::NAN, std: f64::NAN, ci95: f64::NAN };
+        return Summary {
+            n,
+            mean: f64::NAN,
+            std: f64::NAN,
+            ci95: f64::NAN,
+        };
     }
     let mean = v.iter().sum::<f64>() / n as f64;
     if n == 1 {
-        return Summary { n, mean, std: f64::NAN, ci95: f64::NAN };
+        return Summary {
+            n,
+            mean,
+            std: f64::NAN,
+            ci95: f64::NAN,
+        };
     }
     let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
     let std = var.sqrt();
-    Summary { n, mean, std, ci95: t_quantile_975((n - 1) as f64) * std / (n as f64).sqrt() }
+    Summary {
+        n,
+        mean,
+        std,
+        ci95: t_quantile_975((n - 1) as f64) * std / (n as f64).sqrt(),
+    }
 }
 
 /// Difference of means `a - b` with a Welch 95% interval half-width.
@@ -55,17 +70,31 @@ pub fn welch_diff(a: &[f64], b: &[f64]) -> Summary {
     let sb = summarize(b);
     let mean = sa.mean - sb.mean;
     if sa.n < 2 || sb.n < 2 {
-        return Summary { n: sa.n.min(sb.n), mean, std: f64::NAN, ci95: f64::NAN };
+        return Summary {
+            n: sa.n.min(sb.n),
+            mean,
+            std: f64::NAN,
+            ci95: f64::NAN,
+        };
     }
     let va = sa.std * sa.std / sa.n as f64;
     let vb = sb.std * sb.std / sb.n as f64;
     let se = (va + vb).sqrt();
     if se == 0.0 {
-        return Summary { n: sa.n.min(sb.n), mean, std: 0.0, ci95: 0.0 };
+        return Summary {
+            n: sa.n.min(sb.n),
+            mean,
+            std: 0.0,
+            ci95: 0.0,
+        };
     }
-    let dof = (va + vb).powi(2)
-        / (va * va / (sa.n as f64 - 1.0) + vb * vb / (sb.n as f64 - 1.0));
-    Summary { n: sa.n.min(sb.n), mean, std: se, ci95: t_quantile_975(dof) * se }
+    let dof = (va + vb).powi(2) / (va * va / (sa.n as f64 - 1.0) + vb * vb / (sb.n as f64 - 1.0));
+    Summary {
+        n: sa.n.min(sb.n),
+        mean,
+        std: se,
+        ci95: t_quantile_975(dof) * se,
+    }
 }
 
 /// "0.812 ± 0.004" with a sensible number of digits; "0.812 (1 seed)" without interval.
@@ -115,7 +144,10 @@ mod tests {
         let d = welch_diff(&[1.0, 2.0, 3.0], &[0.0, 1.0, 2.0]);
         assert!((d.mean - 1.0).abs() < 1e-12);
         // equal variances 1, n=3: se = sqrt(2/3), dof = 4 -> t = 2.776
-        assert!((d.ci95 - 2.776 * (2.0f64 / 3.0).sqrt()).abs() < 1e-9, "{d:?}");
+        assert!(
+            (d.ci95 - 2.776 * (2.0f64 / 3.0).sqrt()).abs() < 1e-9,
+            "{d:?}"
+        );
         assert_eq!(t_quantile_975(100.0), 1.96);
     }
 }

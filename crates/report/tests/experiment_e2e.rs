@@ -46,34 +46,72 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     let run = std::env::temp_dir().join(format!("saelab-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let plan = Plan::parse(PLAN).unwrap();
-    let ev = SuiteEvaluator { cache_dir: Some(run.join("eval-cache")) };
-    let opts = RunOptions { run_dir: run.clone(), progress: false };
+    let ev = SuiteEvaluator {
+        cache_dir: Some(run.join("eval-cache")),
+    };
+    let opts = RunOptions {
+        run_dir: run.clone(),
+        progress: false,
+    };
     let report = run_plan(&plan, PLAN, &ev, &opts).unwrap();
 
     // Run directory and files.
-    for f in ["saelab-run.json", "plan.toml", "activations/manifest.json", "results.csv", "results.json", "report.md"] {
+    for f in [
+        "saelab-run.json",
+        "plan.toml",
+        "activations/manifest.json",
+        "results.csv",
+        "results.json",
+        "report.md",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     assert_eq!(report, run.join("report.html"));
     for v in ["topk", "relu"] {
         for s in [0, 1] {
             let d = run.join("variants").join(v).join(format!("seed-{s}"));
-            for f in ["cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json", "evals/core_eval_results.json"] {
+            for f in [
+                "cfg.json",
+                "sae_weights.safetensors",
+                "metrics.jsonl",
+                "summary.json",
+                "evals/core_eval_results.json",
+            ] {
                 assert!(d.join(f).exists(), "missing {v}/seed-{s}/{f}");
             }
-            let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
-            assert_eq!(summary["steps"].as_u64(), Some(12), "6144 tokens / 512 per step");
+            let summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
+                    .unwrap();
+            assert_eq!(
+                summary["steps"].as_u64(),
+                Some(12),
+                "6144 tokens / 512 per step"
+            );
         }
     }
     // Results table: header + 4 rows, with core metrics measured.
     let csv = std::fs::read_to_string(run.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
     let header = csv.lines().next().unwrap();
-    assert!(header.contains("core.model_performance_preservation.ce_loss_score"), "{header}");
-    assert!(header.contains("train.fvu") || header.contains("train.loss"), "{header}");
+    assert!(
+        header.contains("core.model_performance_preservation.ce_loss_score"),
+        "{header}"
+    );
+    assert!(
+        header.contains("train.fvu") || header.contains("train.loss"),
+        "{header}"
+    );
     // Report sections.
     let html = std::fs::read_to_string(&report).unwrap();
-    for s in ["Setup", "Headline metrics", "Sparsity-fidelity frontier", "Training curves", "Feature separation", "Evaluations by k and N", "All metrics"] {
+    for s in [
+        "Setup",
+        "Headline metrics",
+        "Sparsity-fidelity frontier",
+        "Training curves",
+        "Feature separation",
+        "Evaluations by k and N",
+        "All metrics",
+    ] {
         assert!(html.contains(s), "report lacks section {s}");
     }
     assert!(!html.contains("ZERO STEPS"));
@@ -88,12 +126,17 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
 
     // A record of zero steps is flagged.
     let sp = run.join("variants/relu/seed-1/summary.json");
-    let mut summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
     summary["steps"] = serde_json::json!(0);
     std::fs::write(&sp, summary.to_string()).unwrap();
     write_run_report(&run, &plan).unwrap();
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
-    assert!(md.lines().any(|l| l.starts_with("| relu | 1 | 0 |") && l.contains("ZERO STEPS")), "{md}");
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| relu | 1 | 0 |") && l.contains("ZERO STEPS")),
+        "{md}"
+    );
 
     // A different plan in the same directory is refused before any compute.
     let other = PLAN.replace("train_tokens = 6144", "train_tokens = 8192");
