@@ -108,11 +108,12 @@ pub fn line_chart(
             Ok(c) => c,
             Err(_) => return empty_svg(title, "could not lay out the chart"),
         };
+        let (xs, ys) = (x1 - x0, y1 - y0);
         let xfmt = |v: &f64| {
             if log_x {
-                format_tick(10f64.powf(*v))
+                format_tick(10f64.powf(*v), f64::NAN)
             } else {
-                format_tick(*v)
+                format_tick(*v, xs)
             }
         };
         let _ = chart
@@ -120,7 +121,7 @@ pub fn line_chart(
             .x_desc(x_label)
             .y_desc(y_label)
             .x_label_formatter(&xfmt)
-            .y_label_formatter(&|v| format_tick(*v))
+            .y_label_formatter(&|v| format_tick(*v, ys))
             .light_line_style(RGBColor(235, 235, 235))
             .draw();
         for (i, s) in series.iter().enumerate() {
@@ -181,12 +182,13 @@ pub fn scatter_errors(title: &str, x_label: &str, y_label: &str, points: &[ErrPo
         else {
             return empty_svg(title, "could not lay out the chart");
         };
+        let (xs, ys) = (x1 - x0, y1 - y0);
         let _ = chart
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
-            .x_label_formatter(&|v| format_tick(*v))
-            .y_label_formatter(&|v| format_tick(*v))
+            .x_label_formatter(&|v| format_tick(*v, xs))
+            .y_label_formatter(&|v| format_tick(*v, ys))
             .light_line_style(RGBColor(235, 235, 235))
             .draw();
         for (i, p) in points.iter().enumerate() {
@@ -229,19 +231,28 @@ fn fin(v: f64) -> f64 {
     }
 }
 
-fn format_tick(v: f64) -> String {
+/// A tick label with enough decimals to tell ticks apart over an axis of width `span`
+/// (NaN: choose by magnitude alone).
+fn format_tick(v: f64, span: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
-        "0".into()
-    } else if !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
+        return "0".into();
     }
+    // Scientific only for huge values, or tiny ones the axis cannot resolve otherwise.
+    let resolvable = span.is_finite() && span > 0.0 && a >= span;
+    if a >= 1e5 || (a < 1e-3 && !resolvable) {
+        return format!("{v:.1e}");
+    }
+    let digits = if span.is_finite() && span > 0.0 {
+        ((-(span / 10.0).log10()).ceil().max(0.0) as usize).min(8)
+    } else if a >= 100.0 {
+        0
+    } else if a >= 1.0 {
+        2
+    } else {
+        3
+    };
+    format!("{v:.digits$}")
 }
 
 #[cfg(test)]
@@ -280,6 +291,9 @@ mod tests {
         );
         assert!(e.contains("<svg") && e.contains("frontier"));
         let none = line_chart("empty", "x", "y", &[], false);
+        assert_eq!(format_tick(0.4491, 0.002), "0.4491");
+        assert_eq!(format_tick(0.4491, 0.5), "0.45");
+        assert_eq!(format_tick(32.0, 3.0), "32.0");
         assert!(none.contains("no data recorded"));
     }
 }

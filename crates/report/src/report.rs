@@ -165,6 +165,11 @@ fn flags(input: &ReportInput, r: &SeedRecord) -> Vec<String> {
                 .join(", ")
         ));
     }
+    for e in r.evals.keys() {
+        if let Some(why) = r.eval_no_result(e) {
+            f.push(format!("{e}: no result ({why})"));
+        }
+    }
     if r.summary.get("diverged").and_then(Value::as_bool) == Some(true) {
         f.push("loss became NaN/Inf".into());
     }

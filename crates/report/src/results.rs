@@ -55,6 +55,20 @@ pub struct SeedRecord {
 }
 
 impl SeedRecord {
+    /// The reason an evaluation gave no result, if it says so.
+    pub fn eval_no_result(&self, eval: &str) -> Option<String> {
+        let v = self
+            .evals
+            .get(eval)?
+            .get("eval_result_unstructured")?
+            .get("no_result")?;
+        Some(
+            v.as_str()
+                .map(String::from)
+                .unwrap_or_else(|| v.to_string()),
+        )
+    }
+
     pub fn num(&self, key: &str) -> Option<f64> {
         self.summary.get(key).and_then(Value::as_f64)
     }
@@ -87,6 +101,11 @@ impl SeedRecord {
             }
         }
         for (e, json) in &self.evals {
+            // An evaluation that could not produce a result (e.g. absorption's probe
+            // gate) writes -1 placeholders: they are not measurements.
+            if self.eval_no_result(e).is_some() {
+                continue;
+            }
             if let Some(Value::Object(cats)) = json.get("eval_result_metrics") {
                 for (cat, metrics) in cats {
                     if let Value::Object(m) = metrics {
