@@ -66,12 +66,14 @@ impl<'a> MatRef<'a> {
     }
 
     fn check(&self) {
-        if self.rows == 0 || self.cols == 0 {
-            return;
-        }
-        let last = (self.rows as isize - 1) * self.rs + (self.cols as isize - 1) * self.cs;
-        assert!(self.rs >= 0 && self.cs >= 0, "negative strides unsupported");
-        assert!((last as usize) < self.data.len(), "MatRef out of bounds");
+        check_view(
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+            self.data.len(),
+            "MatRef",
+        );
     }
 }
 
@@ -88,12 +90,33 @@ impl<'a> MatMut<'a> {
     }
 
     fn check(&self) {
-        if self.rows == 0 || self.cols == 0 {
-            return;
-        }
-        let last = (self.rows as isize - 1) * self.rs + (self.cols as isize - 1) * self.cs;
-        assert!(self.rs >= 0 && self.cs >= 0, "negative strides unsupported");
-        assert!((last as usize) < self.data.len(), "MatMut out of bounds");
+        check_view(
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+            self.data.len(),
+            "MatMut",
+        );
+    }
+}
+
+/// Every element of a strided view lies inside its buffer (and strides are >= 0).
+fn check_view(rows: usize, cols: usize, rs: isize, cs: isize, len: usize, what: &str) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(rs >= 0 && cs >= 0, "negative strides unsupported");
+    let last = (rows as isize - 1) * rs + (cols as isize - 1) * cs;
+    assert!((last as usize) < len, "{what} out of bounds");
+}
+
+/// Threads for a product of `m * n * k` multiply-adds (see [`SERIAL_BELOW`]).
+fn threads_for(m: usize, n: usize, k: usize) -> usize {
+    if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
+        1
+    } else {
+        rayon::current_num_threads()
     }
 }
 
@@ -104,11 +127,7 @@ impl<'a> MatMut<'a> {
 /// (see [`SERIAL_BELOW`]); smaller calls run on the calling thread, as [`gemm_serial`].
 pub fn gemm(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
     let (m, k, n) = check_shapes(&a, &b, &c);
-    let threads = if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
-        1
-    } else {
-        rayon::current_num_threads()
-    };
+    let threads = threads_for(m, n, k);
     gemm_dispatch(m, n, k, alpha, a, b, beta, c, threads);
 }
 
@@ -274,12 +293,14 @@ impl<'a> BfMatRef<'a> {
     }
 
     fn check(&self) {
-        if self.rows == 0 || self.cols == 0 {
-            return;
-        }
-        let last = (self.rows as isize - 1) * self.rs + (self.cols as isize - 1) * self.cs;
-        assert!(self.rs >= 0 && self.cs >= 0, "negative strides unsupported");
-        assert!((last as usize) < self.data.len(), "BfMatRef out of bounds");
+        check_view(
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+            self.data.len(),
+            "BfMatRef",
+        );
     }
 }
 
@@ -287,11 +308,7 @@ impl<'a> BfMatRef<'a> {
 /// B had been converted to f32 first). Same contract and threading as [`gemm`].
 pub fn gemm_bf16b(alpha: f32, a: MatRef, b: BfMatRef, beta: f32, c: MatMut) {
     let (m, k, n) = check_shapes_bf16(&a, &b, &c);
-    let threads = if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
-        1
-    } else {
-        rayon::current_num_threads()
-    };
+    let threads = threads_for(m, n, k);
     gemm_bf16b_dispatch(m, n, k, alpha, a, b, beta, c, threads);
 }
 
