@@ -124,6 +124,9 @@ fn arch_name(a: InferenceArch) -> &'static str {
     }
 }
 
+/// The SAELens cfg.json format version saelab writes (the v6 layout it follows).
+pub const SAELENS_FORMAT_VERSION: &str = "6.18.0";
+
 impl Sae {
     /// The SAELens `cfg.json` of this SAE (weights take raw activations, so
     /// `normalize_activations` is "none").
@@ -146,6 +149,10 @@ impl Sae {
                 "prepend_bos": m.prepend_bos,
                 "dataset_path": m.dataset_path,
                 "saelab_version": env!("CARGO_PKG_VERSION"),
+                // SAELens >= 6 reads `metadata` only when it names the format version;
+                // without it, it takes the folder for a pre-6 config and drops the hook
+                // and model names (bench/saelens_compat.py showed this).
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
             },
         });
         if self.arch == InferenceArch::Topk {
@@ -566,6 +573,7 @@ mod tests {
             assert_eq!(cfg["d_in"], 6);
             assert_eq!(cfg["dtype"], "float32");
             assert_eq!(cfg["metadata"]["hook_name"], "blocks.1.hook_resid_post");
+            assert_eq!(cfg["metadata"]["sae_lens_version"], SAELENS_FORMAT_VERSION);
             assert_eq!(cfg.get("k").is_some(), arch == InferenceArch::Topk);
             let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
