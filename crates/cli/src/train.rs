@@ -89,6 +89,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
         });
     }
     let store = Arc::new(ActivationStore::open(&store_dir)?);
+    // The saved SAE names where its activations came from (SAELens metadata), unless set.
+    let m = store.manifest();
+    for c in &mut configs {
+        if c.metadata.model_name.is_empty() {
+            c.metadata.model_name = m.model.clone();
+        }
+        if c.metadata.hook_name.is_empty() {
+            c.metadata.hook_name = m.hook.clone();
+        }
+        if c.metadata.context_size == 0 {
+            c.metadata.context_size = m.ctx_len;
+            c.metadata.prepend_bos = true;
+        }
+    }
     let seed = configs[0].seed;
     let mut source = ShuffledReader::new(
         store,
