@@ -281,12 +281,7 @@ pub fn run_absorption(
     cache: &ActCache,
 ) -> Result<EvalResult> {
     let d = lm.d_model();
-    if sae.d_in != d {
-        bail!(
-            "SAE d_in {} differs from the model width {d} at {hook}",
-            sae.d_in
-        );
-    }
+    crate::lm_api::check_sae_width(sae, lm, hook)?;
     if cfg.max_k_value == 0 || cfg.icl_examples == 0 || cfg.prompt_token_pos >= 0 {
         bail!("absorption: max_k_value and icl_examples must be positive and prompt_token_pos negative");
     }

@@ -121,12 +121,7 @@ pub fn run_core(
     cache: &ActCache,
 ) -> Result<EvalResult> {
     let d = lm.d_model();
-    if sae.d_in != d {
-        bail!(
-            "SAE d_in {} differs from the model width {d} at {hook}",
-            sae.d_in
-        );
-    }
+    crate::lm_api::check_sae_width(sae, lm, hook)?;
     if cfg.batch_prompts == 0 || cfg.sparsity_batches == 0 {
         bail!("core: batch size and number of batches must be positive");
     }

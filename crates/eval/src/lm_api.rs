@@ -73,6 +73,18 @@ pub trait HookedLm {
     }
 }
 
+/// Every evaluation's first check: the SAE reads activations as wide as the model's.
+pub fn check_sae_width(sae: &saelab_sae::model::Sae, lm: &dyn HookedLm, hook: &str) -> Result<()> {
+    if sae.d_in != lm.d_model() {
+        bail!(
+            "SAE d_in {} differs from the model width {} at {hook}",
+            sae.d_in,
+            lm.d_model()
+        );
+    }
+    Ok(())
+}
+
 /// A tiny deterministic LM for tests and examples.
 ///
 /// Vocabulary: `<bos>`, `<eos>`, `<pad>`, the 256 single bytes, then whole words given

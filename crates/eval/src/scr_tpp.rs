@@ -185,13 +185,7 @@ pub fn run_tpp(
     cfg: &ScrTppConfig,
     cache: &ActCache,
 ) -> Result<EvalResult> {
-    if sae.d_in != lm.d_model() {
-        bail!(
-            "SAE d_in {} differs from the model width {} at {hook}",
-            sae.d_in,
-            lm.d_model()
-        );
-    }
+    crate::lm_api::check_sae_width(sae, lm, hook)?;
     if datasets.is_empty() {
         bail!("TPP: no dataset given");
     }
@@ -371,13 +365,7 @@ pub fn run_scr(
     cfg: &ScrTppConfig,
     cache: &ActCache,
 ) -> Result<EvalResult> {
-    if sae.d_in != lm.d_model() {
-        bail!(
-            "SAE d_in {} differs from the model width {} at {hook}",
-            sae.d_in,
-            lm.d_model()
-        );
-    }
+    crate::lm_api::check_sae_width(sae, lm, hook)?;
     let ds = &spec.dataset;
     // Four cells (a, b), each split into train / test.
     let mut cells: BTreeMap<(bool, bool), Vec<usize>> = BTreeMap::new();

@@ -401,13 +401,7 @@ pub fn run_sparse_probing(
     cfg: &SparseProbingConfig,
     cache: &ActCache,
 ) -> Result<EvalResult> {
-    if sae.d_in != lm.d_model() {
-        bail!(
-            "SAE d_in {} differs from the model width {} at {hook}",
-            sae.d_in,
-            lm.d_model()
-        );
-    }
+    crate::lm_api::check_sae_width(sae, lm, hook)?;
     if datasets.is_empty() {
         bail!("sparse probing: no dataset given");
     }
