@@ -95,6 +95,28 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
+    /// Embedding, final norm and (untied) output head under their GGUF names, around
+    /// the architecture's already-loaded layers.
+    pub(crate) fn from_gguf_layers(
+        src: &Source,
+        c: &ModelConfig,
+        layers: Vec<Layer>,
+    ) -> Result<Weights> {
+        let d = c.d_model;
+        let embed: Mat = src.tensor("token_embd.weight", &[c.vocab_size, d])?.into();
+        let lm_head = if src.has("output.weight") {
+            Some(src.tensor("output.weight", &[c.vocab_size, d])?.into())
+        } else {
+            None
+        };
+        Ok(Weights {
+            embed,
+            layers,
+            final_norm: src.tensor("output_norm.weight", &[d])?,
+            lm_head,
+        })
+    }
+
     /// Convert every matrix to `dtype` storage (norm vectors stay f32).
     fn convert(self, dtype: WeightDtype) -> Weights {
         if dtype == WeightDtype::F32 {

@@ -55,18 +55,7 @@ pub(crate) fn load_gguf(src: &Source, c: &ModelConfig) -> Result<Weights> {
             post_ffn_norm: None,
         });
     }
-    let embed: Mat = src.tensor("token_embd.weight", &[c.vocab_size, d])?.into();
-    let lm_head = if src.has("output.weight") {
-        Some(src.tensor("output.weight", &[c.vocab_size, d])?.into())
-    } else {
-        None
-    };
-    Ok(Weights {
-        embed,
-        layers,
-        final_norm: src.tensor("output_norm.weight", &[d])?,
-        lm_head,
-    })
+    Weights::from_gguf_layers(src, c, layers)
 }
 
 /// Load from Hugging Face tensor names (`model.layers.N.self_attn.q_proj.weight`, ...).
