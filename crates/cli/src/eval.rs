@@ -45,15 +45,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let cache = a
         .cache_dir
         .unwrap_or_else(|| saelab_core::assets::saelab_home().join("eval-cache"));
-    let ev = SuiteEvaluator {
-        cache_dir: Some(cache),
-    };
+    let ev = SuiteEvaluator::new(Some(cache));
     let sizes = if a.saebench_sizes {
         "saebench"
     } else {
         "default"
     };
-    ev.evaluate(&model, &a.sae, &a.evals, &out, 0, sizes)?;
+    ev.evaluate(&model, &a.sae, &a.evals, &out, sizes)?;
     println!("results: {}", out.display());
     Ok(())
 }

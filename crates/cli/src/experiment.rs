@@ -47,9 +47,7 @@ pub struct CompareArgs {
 }
 
 fn execute(plan: &Plan, text: &str, run: PathBuf) -> Result<()> {
-    let evaluator = SuiteEvaluator {
-        cache_dir: Some(run.join("eval-cache")),
-    };
+    let evaluator = SuiteEvaluator::new(Some(run.join("eval-cache")));
     let report = run_plan(
         plan,
         text,

@@ -22,7 +22,9 @@ use saelab_data::corpus::{load_corpus, split_paragraphs, Dataset};
 use saelab_eval::{Attribute, EvalOptions, LabeledText, ProbeDataset, ScrSpec};
 use saelab_lm::Model;
 use saelab_sae::Sae;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Fixed evaluation seed (SAEBench's).
 pub const EVAL_SEED: u64 = 42;
@@ -283,9 +285,39 @@ pub fn eval_file_name(eval: &str) -> Result<String> {
     ))
 }
 
-/// The SAEBench-suite evaluator used by the runner and `saelab eval`.
+/// (evaluation names, hook, sizes).
+type OptionsKey = (Vec<String>, String, String);
+
+/// The SAEBench-suite evaluator used by the runner and `saelab eval`. The evaluation
+/// inputs (corpora read and cut into tasks) are built once per (evals, hook, sizes) and
+/// reused for every SAE, not re-read per SAE.
 pub struct SuiteEvaluator {
-    pub cache_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    options: Mutex<HashMap<OptionsKey, Arc<EvalOptions>>>,
+}
+
+impl SuiteEvaluator {
+    /// `cache_dir`: where LM activations for evaluations are cached across SAEs.
+    pub fn new(cache_dir: Option<PathBuf>) -> Self {
+        SuiteEvaluator {
+            cache_dir,
+            options: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn options(&self, evals: &[String], hook: &str, sizes: &str) -> Result<Arc<EvalOptions>> {
+        let key = (evals.to_vec(), hook.to_string(), sizes.to_string());
+        let mut map = self
+            .options
+            .lock()
+            .map_err(|_| anyhow::anyhow!("evaluation options cache poisoned"))?;
+        if let Some(o) = map.get(&key) {
+            return Ok(o.clone());
+        }
+        let o = Arc::new(eval_options(evals, hook, sizes, self.cache_dir.clone())?);
+        map.insert(key, o.clone());
+        Ok(o)
+    }
 }
 
 impl crate::runner::Evaluator for SuiteEvaluator {
@@ -295,13 +327,12 @@ impl crate::runner::Evaluator for SuiteEvaluator {
         sae_dir: &Path,
         evals: &[String],
         out_dir: &Path,
-        _seed: u64,
         sizes: &str,
     ) -> Result<()> {
         let sae =
             Sae::load(sae_dir).with_context(|| format!("loading SAE {}", sae_dir.display()))?;
         let hook = sae.metadata.hook_name.clone();
-        let opts = eval_options(evals, &hook, sizes, self.cache_dir.clone())?;
+        let opts = self.options(evals, &hook, sizes)?;
         let run = saelab_eval::run_evals(&opts, &sae, model, out_dir)?;
         eprintln!("{}", run.summary);
         Ok(())

@@ -27,15 +27,16 @@ use std::time::Instant;
 
 /// How the evaluation stage is run (the CLI supplies it; tests can skip evals).
 pub trait Evaluator {
-    /// Evaluate the SAE in `sae_dir` with `evals`, writing `<eval>.json` files into
-    /// `out_dir` (atomically; an existing file means done).
+    /// Evaluate the SAE in `sae_dir` with `evals`, writing one SAEBench JSON per
+    /// evaluation into `out_dir` (named by [`crate::evalsetup::eval_file_name`],
+    /// atomically; an existing file means done). The evaluation seed is fixed and
+    /// independent of the SAE's training seed, so every SAE is measured on the same data.
     fn evaluate(
         &self,
         model: &Model,
         sae_dir: &Path,
         evals: &[String],
         out_dir: &Path,
-        seed: u64,
         sizes: &str,
     ) -> Result<()>;
 }
@@ -244,7 +245,7 @@ pub fn run_plan(
             );
             let t = Instant::now();
             evaluator
-                .evaluate(&model, &dir, &missing, &out, *seed, &plan.eval_sizes)
+                .evaluate(&model, &dir, &missing, &out, &plan.eval_sizes)
                 .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
             tracing::info!(
                 "evaluated {} seed {seed} in {:.0} s",

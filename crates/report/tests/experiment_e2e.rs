@@ -46,9 +46,7 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     let run = std::env::temp_dir().join(format!("saelab-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let plan = Plan::parse(PLAN).unwrap();
-    let ev = SuiteEvaluator {
-        cache_dir: Some(run.join("eval-cache")),
-    };
+    let ev = SuiteEvaluator::new(Some(run.join("eval-cache")));
     let opts = RunOptions {
         run_dir: run.clone(),
         progress: false,
