@@ -276,12 +276,34 @@ pub fn gated_act(gu: &[f32], ff: usize, out: &mut [f32], act: GatedAct) {
 
 #[inline(always)]
 fn softmax_impl(x: &mut [f32]) {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0f32;
-    for v in x.iter_mut() {
+    // Max and sum over 16 independent lanes: a plain fold is a serial dependency
+    // chain (f32 max/add are not reassociated), which kept the loop scalar.
+    const L: usize = 16;
+    let mut mx = [f32::NEG_INFINITY; L];
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &v) in mx.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let m = chunks.remainder().iter().fold(
+        mx.iter().cloned().fold(f32::NEG_INFINITY, f32::max),
+        |a, &v| a.max(v),
+    );
+    let mut sum = [0f32; L];
+    let mut chunks = x.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for (s, v) in sum.iter_mut().zip(c.iter_mut()) {
+            *v = exp_fast(*v - m);
+            *s += *v;
+        }
+    }
+    let mut s: f32 = 0.0;
+    for v in chunks.into_remainder() {
         *v = exp_fast(*v - m);
         s += *v;
     }
+    s += sum.iter().sum::<f32>();
     let inv = 1.0 / s;
     for v in x.iter_mut() {
         *v *= inv;

@@ -333,8 +333,17 @@ impl crate::runner::Evaluator for SuiteEvaluator {
             Sae::load(sae_dir).with_context(|| format!("loading SAE {}", sae_dir.display()))?;
         let hook = sae.metadata.hook_name.clone();
         let opts = self.options(evals, &hook, sizes)?;
-        let run = saelab_eval::run_evals(&opts, &sae, model, out_dir)?;
-        eprintln!("{}", run.summary);
+        // One evaluation per call, so each result file is written as soon as that
+        // evaluation is done: an interrupted run keeps its finished evaluations and the
+        // rerun does only the rest (run_evals itself writes all or nothing).
+        for e in evals {
+            let one = EvalOptions {
+                evals: vec![e.clone()],
+                ..(*opts).clone()
+            };
+            let run = saelab_eval::run_evals(&one, &sae, model, out_dir)?;
+            eprintln!("{}", run.summary);
+        }
         Ok(())
     }
 }

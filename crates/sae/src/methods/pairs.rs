@@ -393,43 +393,54 @@ impl PairEma {
                 m.powi(d as i32)
             }
         };
-        for (k, e) in list.iter().enumerate() {
-            pos[e.j as usize] = k as u32;
+        // One pass over the stored list (it is usually several times longer than the
+        // batch's partners): index the touched latents, not the list, then update,
+        // decay-check and compact the list in place. Entries keep their order and new
+        // pairs are appended in touched order.
+        for (k, &j) in touched.iter().enumerate() {
+            pos[j as usize] = k as u32;
         }
-        let old_len = list.len();
-        for &j in touched {
-            let b = batch(j);
-            let p = pos[j as usize];
-            let new = if p != u32::MAX {
-                let e = &mut list[p as usize];
+        // Marks a touched latent whose entry was found in the list.
+        const SEEN: u32 = u32::MAX - 1;
+        let mut kept = 0;
+        for r in 0..list.len() {
+            let mut e = list[r];
+            let p = pos[e.j as usize];
+            if p != u32::MAX && p != SEEN {
                 // Value after update t-1, then one EMA step with x_t = b.
+                let b = batch(e.j);
                 let f = pow(t - 1 - e.last);
                 let mut prev = [e.v[0] * f, e.v[1] * f];
                 if prev[0].max(prev[1]) < epsilon {
                     prev = [0.0, 0.0];
                 }
-                let new = [
+                e.v = [
                     m * prev[0] + (1.0 - m) * b[0],
                     m * prev[1] + (1.0 - m) * b[1],
                 ];
-                e.v = new;
                 e.last = t;
-                new
-            } else {
+                scratch_val[e.j as usize] = e.v;
+                pos[e.j as usize] = SEEN;
+            }
+            // Rule 1: drop entries that now read as zero.
+            if e.v[0].max(e.v[1]) * pow(t - e.last) >= epsilon {
+                list[kept] = e;
+                kept += 1;
+            }
+        }
+        list.truncate(kept);
+        for &j in touched {
+            let seen = pos[j as usize] == SEEN;
+            pos[j as usize] = u32::MAX;
+            if !seen {
+                let b = batch(j);
                 let new = [(1.0 - m) * b[0], (1.0 - m) * b[1]];
-                list.push(PairEntry { j, last: t, v: new });
-                new
-            };
-            scratch_val[j as usize] = new;
+                scratch_val[j as usize] = new;
+                if new[0].max(new[1]) >= epsilon {
+                    list.push(PairEntry { j, last: t, v: new });
+                }
+            }
         }
-        for e in &list[..old_len] {
-            pos[e.j as usize] = u32::MAX;
-        }
-        // Rule 1: drop entries that now read as zero.
-        list.retain(|e| {
-            let f = pow(t - e.last);
-            (e.v[0] * f).max(e.v[1] * f) >= epsilon
-        });
     }
 
     /// Compact little-endian serialisation for checkpoints (JSON would be ~3x larger
