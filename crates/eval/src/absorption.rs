@@ -4,7 +4,14 @@
 //!    ASCII letters; label = lower-cased first letter. Deduplicated by word, split
 //!    80/20 (seeded; SAEBench ignores its seed, here the seed decides everything).
 //! 2. Prompts: 10 in-context examples from the same split, then the target; the
-//!    activation at position -6 (the word) of the hook is the probe input.
+//!    activation at position -6 (the word) of the hook is the probe input. Two ways
+//!    to build them: SAEBench's one prompt per word (`packed_ctx = None`, ~70 LM
+//!    tokens per word), or the CPU default, packed rows ([`packed_rows`]) where one
+//!    row holds 10 example lines and then target lines, each read at its word token
+//!    with at least 10 examples of its split before it (~12 LM tokens per word). The
+//!    CPU default also caps words per first letter (600) instead of using all ~39k
+//!    SmolLM2 words: with a global cap the rare letters got too few test words for
+//!    their probes to pass the F1 gate.
 //! 3. Ground-truth probe: 26 one-vs-rest logistic outputs by Adam (pos_weight, lr
 //!    1e-2 decaying to 1e-5, weight decay 1e-4, batch 64, 50 epochs), cached to a file.
 //! 4. k-sparse probing on SAE latents: an L1 logistic probe picks candidates; for
@@ -42,6 +49,17 @@ pub struct AbsorptionConfig {
     pub min_feats_for_eval: usize,
     /// Cap on the number of vocabulary words used (sampled with the seed); `None` = all.
     pub max_words: Option<usize>,
+    /// Cap on the words kept per first letter (sampled with the seed, applied before
+    /// `max_words`); `None` = all. Keeps the rare letters (q, x, y, z...) that a global
+    /// cap would starve of test words, at a fraction of the full vocabulary's cost.
+    pub max_words_per_letter: Option<usize>,
+    /// `None`: SAEBench's prompts, one sequence per word (about 70 tokens each).
+    /// `Some(ctx)`: packed prompts, rows of at most `ctx` tokens holding
+    /// `icl_examples` example lines and then as many target lines as fit, each target
+    /// read at its word token; every target still sees at least `icl_examples`
+    /// examples from its own split before it (the earlier targets of the row, with
+    /// their answers, are further examples). About 6x fewer LM tokens per word.
+    pub packed_ctx: Option<usize>,
     pub llm_batch_size: usize,
     pub seed: u64,
     /// Where the ground-truth probe is cached (keyed by model, hook, words, seed).
@@ -65,7 +83,9 @@ impl Default for AbsorptionConfig {
             gt_probe_batch_size: 64,
             min_gt_probe_f1: 0.6,
             min_feats_for_eval: 20,
-            max_words: Some(3000),
+            max_words: None,
+            max_words_per_letter: Some(600),
+            packed_ctx: Some(256),
             llm_batch_size: 16,
             seed: 42,
             gt_probe_path: None,
@@ -243,6 +263,158 @@ fn prompt_acts(
     Ok(out)
 }
 
+/// The `n` cached activations under `key`, or computed by `make` and cached.
+fn cached_acts(
+    cache: &ActCache,
+    key: &str,
+    n: usize,
+    make: impl FnOnce() -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    if let Some(a) = cache
+        .load(key)
+        .and_then(|b| b.f32("acts").ok().map(|a| a.to_vec()))
+        .filter(|a| a.len() == n)
+    {
+        return Ok(a);
+    }
+    let a = make()?;
+    let blob = Blob {
+        f32s: vec![("acts".into(), a)],
+        ..Default::default()
+    };
+    if let Err(e) = cache.store(key, &blob) {
+        tracing::warn!("could not write eval cache entry: {e:#}");
+    }
+    Ok(blob.f32s.into_iter().next().expect("one tensor").1)
+}
+
+/// One packed row: its tokens and, per target word, (word index, token position).
+#[derive(Debug)]
+pub struct PackedRow {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<(usize, usize)>,
+}
+
+/// Pack every word of each split into rows of at most `ctx` tokens: BOS, a newline,
+/// `icl_examples` example lines (`"{ex} has the first letter: X"`, examples drawn
+/// from the split, never one of the row's targets), then target lines in split order
+/// with their answers, as long as they fit. A target is read at
+/// `line length + prompt_token_pos` within its line (its word token, as in SAEBench's
+/// prompt read at position -6). Lines are tokenized one by one: the newline and the
+/// answer are separate pre-tokens, so this equals tokenizing the whole row.
+pub fn packed_rows(
+    lm: &dyn HookedLm,
+    cfg: &AbsorptionConfig,
+    words: &[&str],
+    splits: &[std::ops::Range<usize>],
+    ctx: usize,
+    rng: &mut Rng,
+) -> Result<Vec<PackedRow>> {
+    let bos: Vec<u32> = lm.bos_id().into_iter().collect();
+    let nl = lm.encode("\n")?;
+    let answers: Vec<Vec<u32>> = (b'A'..=b'Z')
+        .map(|c| lm.encode(&format!(" {}\n", c as char)))
+        .collect::<Result<_>>()?;
+    let mut lines = Vec::with_capacity(words.len());
+    for w in words {
+        let t = lm.encode(&cfg.prompt_template.replace("{word}", w))?;
+        if (t.len() as isize) < -cfg.prompt_token_pos {
+            bail!(
+                "absorption prompt for {w:?} is shorter than {} tokens",
+                -cfg.prompt_token_pos
+            );
+        }
+        lines.push(t);
+    }
+    let letter = |i: usize| (words[i].as_bytes()[0].to_ascii_uppercase() - b'A') as usize;
+    let line_len = |i: usize| lines[i].len() + answers[letter(i)].len();
+    let mut rows = Vec::new();
+    for range in splits {
+        if range.len() <= cfg.icl_examples {
+            bail!(
+                "absorption: a split of {} words cannot hold {} in-context examples",
+                range.len(),
+                cfg.icl_examples
+            );
+        }
+        let mut next = range.start;
+        while next < range.end {
+            // The targets that fit after the context are not known until the context is
+            // drawn, so exclude a window of upcoming words at least as large as any row
+            // holds (a line is at least -prompt_token_pos + 1 tokens), unless the split
+            // is too small to leave enough other words.
+            let max_targets = ctx / (cfg.prompt_token_pos.unsigned_abs() + 1);
+            let window = next..(next + max_targets).min(range.end);
+            let exclude = range.len() >= window.len() + cfg.icl_examples;
+            let mut tokens = bos.clone();
+            tokens.extend_from_slice(&nl);
+            for _ in 0..cfg.icl_examples {
+                let j = loop {
+                    let j = range.start + rng.below(range.len());
+                    if !exclude || !window.contains(&j) {
+                        break j;
+                    }
+                };
+                tokens.extend_from_slice(&lines[j]);
+                tokens.extend_from_slice(&answers[letter(j)]);
+            }
+            let mut targets = Vec::new();
+            while next < range.end && tokens.len() + line_len(next) <= ctx {
+                let at =
+                    tokens.len() + (lines[next].len() as isize + cfg.prompt_token_pos) as usize;
+                targets.push((next, at));
+                tokens.extend_from_slice(&lines[next]);
+                tokens.extend_from_slice(&answers[letter(next)]);
+                next += 1;
+            }
+            if targets.is_empty() {
+                bail!(
+                    "absorption: packed rows of {ctx} tokens cannot hold {} examples and a target",
+                    cfg.icl_examples
+                );
+            }
+            rows.push(PackedRow { tokens, targets });
+        }
+    }
+    Ok(rows)
+}
+
+/// Activations at every target of the packed rows, [n_words, d] in word order.
+fn packed_acts(
+    lm: &dyn HookedLm,
+    hook: &str,
+    rows: &[PackedRow],
+    n_words: usize,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let d = lm.d_model();
+    let mut out = vec![0f32; n_words * d];
+    let mut done = 0usize;
+    for chunk in rows.chunks(batch.max(1)) {
+        let seq = chunk
+            .iter()
+            .map(|r| r.tokens.len())
+            .max()
+            .expect("non-empty");
+        let mut toks = vec![lm.fill_id(); chunk.len() * seq];
+        for (r, row) in chunk.iter().enumerate() {
+            toks[r * seq..r * seq + row.tokens.len()].copy_from_slice(&row.tokens);
+        }
+        let a = lm.capture(&toks, chunk.len(), seq, hook)?;
+        for (r, row) in chunk.iter().enumerate() {
+            for &(i, t) in &row.targets {
+                let at = (r * seq + t) * d;
+                out[i * d..(i + 1) * d].copy_from_slice(&a[at..at + d]);
+                done += 1;
+            }
+        }
+    }
+    if done != n_words {
+        bail!("absorption: packed rows hold {done} targets for {n_words} words");
+    }
+    Ok(out)
+}
+
 fn one_hot(labels: &[usize], k: usize) -> Vec<f32> {
     let mut y = vec![0f32; labels.len() * k];
     for (i, &l) in labels.iter().enumerate() {
@@ -312,10 +484,27 @@ pub fn run_absorption(
             "max_words",
             cfg.max_words.map(|m| J::Int(m as i64)).unwrap_or(J::Null),
         ),
+        (
+            "max_words_per_letter",
+            cfg.max_words_per_letter
+                .map(|m| J::Int(m as i64))
+                .unwrap_or(J::Null),
+        ),
+        (
+            "packed_ctx",
+            cfg.packed_ctx.map(|m| J::Int(m as i64)).unwrap_or(J::Null),
+        ),
     ]);
     let mut rng = Rng::new(cfg.seed);
     let mut vocab = first_letter_vocab(lm);
     rng.shuffle(&mut vocab);
+    if let Some(cap) = cfg.max_words_per_letter {
+        let mut per = [0usize; 26];
+        vocab.retain(|w| {
+            per[w.1] += 1;
+            per[w.1] <= cap
+        });
+    }
     if let Some(m) = cfg.max_words {
         vocab.truncate(m);
     }
@@ -329,46 +518,50 @@ pub fn run_absorption(
     let words: Vec<&str> = vocab.iter().map(|w| w.0.as_str()).collect();
     let labels: Vec<usize> = vocab.iter().map(|w| w.1).collect();
     let is_train = |i: usize| i < n_train;
-    // Prompts: examples drawn from the word's own split, never the word itself.
-    let mut prompts = Vec::with_capacity(words.len());
-    for i in 0..words.len() {
-        let range = if is_train(i) {
-            0..n_train
-        } else {
-            n_train..words.len()
-        };
-        let mut ex = Vec::with_capacity(cfg.icl_examples);
-        while ex.len() < cfg.icl_examples {
-            let j = range.start + rng.below(range.len());
-            if j != i {
-                ex.push(words[j]);
+    let splits = [0..n_train, n_train..words.len()];
+    let (key, x) = match cfg.packed_ctx {
+        None => {
+            // Prompts: examples drawn from the word's own split, never the word itself.
+            let mut prompts = Vec::with_capacity(words.len());
+            for i in 0..words.len() {
+                let range = splits[!is_train(i) as usize].clone();
+                let mut ex = Vec::with_capacity(cfg.icl_examples);
+                while ex.len() < cfg.icl_examples {
+                    let j = range.start + rng.below(range.len());
+                    if j != i {
+                        ex.push(words[j]);
+                    }
+                }
+                prompts.push(icl_prompt(&cfg.prompt_template, words[i], &ex));
             }
+            let key = format!(
+                "absorption|{}|{hook}|words={}|pos={}|seed={}|tmpl={}",
+                lm.name(),
+                crate::tasks::texts_fingerprint(prompts.iter().map(|s| s.as_str())),
+                cfg.prompt_token_pos,
+                cfg.seed,
+                cfg.prompt_template
+            );
+            let x = cached_acts(cache, &key, words.len() * d, || {
+                prompt_acts(lm, hook, &prompts, cfg.prompt_token_pos, cfg.llm_batch_size)
+            })?;
+            (key, x)
         }
-        prompts.push(icl_prompt(&cfg.prompt_template, words[i], &ex));
-    }
-    let key = format!(
-        "absorption|{}|{hook}|words={}|pos={}|seed={}|tmpl={}",
-        lm.name(),
-        crate::tasks::texts_fingerprint(prompts.iter().map(|s| s.as_str())),
-        cfg.prompt_token_pos,
-        cfg.seed,
-        cfg.prompt_template
-    );
-    let x = match cache
-        .load(&key)
-        .and_then(|b| b.f32("acts").ok().map(|a| a.to_vec()))
-    {
-        Some(a) if a.len() == words.len() * d => a,
-        _ => {
-            let a = prompt_acts(lm, hook, &prompts, cfg.prompt_token_pos, cfg.llm_batch_size)?;
-            let blob = Blob {
-                f32s: vec![("acts".into(), a)],
-                ..Default::default()
-            };
-            if let Err(e) = cache.store(&key, &blob) {
-                tracing::warn!("could not write eval cache entry: {e:#}");
-            }
-            blob.f32s.into_iter().next().unwrap().1
+        Some(ctx) => {
+            let rows = packed_rows(lm, cfg, &words, &splits, ctx, &mut rng)?;
+            let key = format!(
+                "absorption-packed|{}|{hook}|words={}|ctx={ctx}|icl={}|pos={}|seed={}|tmpl={}",
+                lm.name(),
+                crate::tasks::texts_fingerprint(words.iter().copied()),
+                cfg.icl_examples,
+                cfg.prompt_token_pos,
+                cfg.seed,
+                cfg.prompt_template
+            );
+            let x = cached_acts(cache, &key, words.len() * d, || {
+                packed_acts(lm, hook, &rows, words.len(), cfg.llm_batch_size)
+            })?;
+            (key, x)
         }
     };
     let (x_train, x_test) = x.split_at(n_train * d);
@@ -457,7 +650,7 @@ pub fn run_absorption(
         .filter(|&l| gt_f1[l] > cfg.min_gt_probe_f1)
         .collect();
     if letters.len() < cfg.min_feats_for_eval {
-        return Ok(no_result(
+        let mut r = no_result(
             config,
             format!(
                 "only {} letters have a ground-truth probe F1 above {} (need {})",
@@ -465,7 +658,11 @@ pub fn run_absorption(
                 cfg.min_gt_probe_f1,
                 cfg.min_feats_for_eval
             ),
-        ));
+        );
+        if let J::Obj(fields) = &mut r.unstructured {
+            fields.push(("ground_truth_probe_f1".into(), J::nums(&gt_f1)));
+        }
+        return Ok(r);
     }
 
     // SAE latents and the k-sparse probes.
@@ -669,6 +866,60 @@ mod tests {
         // Negative probe projection: nothing to absorb.
         let w = case([-1.0, 0.0, 0.0], &[1], &[2.0], &cos, &[0]);
         assert_eq!((w.absorption_fraction, w.full_absorption), (0.0, false));
+    }
+
+    #[test]
+    fn packed_rows_hold_every_word_once_after_enough_examples() {
+        use crate::lm_api::ToyLm;
+        use crate::testutil::toy_words;
+        let mut words = toy_words();
+        words.extend(["has", "the", "first", "letter"].map(String::from));
+        let refs: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
+        let lm = ToyLm::new(&refs, 8, 1, 3);
+        let cfg = AbsorptionConfig::default();
+        let list: Vec<&str> = refs.iter().copied().take(400).collect();
+        assert!(list.len() >= 200, "{}", list.len());
+        let split = list.len() * 4 / 5;
+        let splits = [0..split, split..list.len()];
+        let ctx = 256;
+        let rows = packed_rows(&lm, &cfg, &list, &splits, ctx, &mut Rng::new(5)).unwrap();
+        let mut seen = vec![0usize; list.len()];
+        let line = |w: &str| {
+            lm.encode(&cfg.prompt_template.replace("{word}", w))
+                .unwrap()
+        };
+        for row in &rows {
+            assert!(row.tokens.len() <= ctx && !row.targets.is_empty());
+            let split_of = |i: usize| (i >= split) as usize;
+            let first = row.targets[0].0;
+            for &(i, at) in &row.targets {
+                seen[i] += 1;
+                assert_eq!(split_of(i), split_of(first), "a row mixes splits");
+                // The read position is the word's last token: the template's tail follows.
+                let l = line(list[i]);
+                let word_end = l.len() - 6;
+                let start = at - word_end;
+                assert_eq!(&row.tokens[start..start + l.len()], &l[..]);
+                // At least icl_examples complete lines ("has the first letter:") before it.
+                let before = &row.tokens[..start];
+                let colon = lm.encode(" letter:").unwrap();
+                let n_lines = before
+                    .windows(colon.len())
+                    .filter(|w| *w == &colon[..])
+                    .count();
+                assert!(n_lines >= cfg.icl_examples, "{n_lines}");
+            }
+            // No target appears among the row's own examples.
+            let ex_end = row.targets[0].1 - (line(list[first]).len() - 6);
+            for &(i, _) in &row.targets {
+                let l = line(list[i]);
+                assert!(!row.tokens[..ex_end].windows(l.len()).any(|w| w == &l[..]));
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "every word read exactly once");
+        // Too short a row is an error, not an empty result.
+        let e = packed_rows(&lm, &cfg, &list, &splits, 20, &mut Rng::new(5)).unwrap_err();
+        assert!(e.to_string().contains("cannot hold"), "{e}");
     }
 
     #[test]

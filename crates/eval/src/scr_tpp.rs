@@ -45,10 +45,11 @@ impl Default for ScrTppConfig {
             probe_lr: 1e-3,
             probe_l1: 1e-3,
             probe_batch: 16,
-            n_train: 1000,
-            n_test: 500,
+            // CPU-sized (SAEBench: 4000 / 1000 per probe); `--saebench-sizes` sets those.
+            n_train: 400,
+            n_test: 200,
             ctx: 128,
-            max_classes: 5,
+            max_classes: 4,
             llm_batch_size: 16,
             seed: 42,
         }

@@ -46,12 +46,16 @@ pub struct SparseProbingConfig {
 
 impl Default for SparseProbingConfig {
     fn default() -> Self {
+        // CPU-sized: each class of a dataset contributes (n_train + n_val + n_test) / 2
+        // documents to the pool that goes through the LM, so these sizes keep the five
+        // default datasets near 300k LM tokens (about 3 minutes here, once per model
+        // and hook). `--saebench-sizes` restores 4000 / 1000.
         SparseProbingConfig {
-            n_train: 1000,
-            n_val: 250,
-            n_test: 500,
+            n_train: 240,
+            n_val: 60,
+            n_test: 120,
             ctx: 128,
-            max_classes: 5,
+            max_classes: 4,
             ks: vec![1, 2, 5, 10, 20, 50],
             llm_batch_size: 16,
             probe_epochs: 100,

@@ -185,6 +185,7 @@ pub fn eval_options(
             o.sparse_probing.n_test = 40;
             o.sparse_probing.max_classes = 2;
             o.absorption.max_words = Some(400);
+            o.absorption.max_words_per_letter = None;
             o.absorption.gt_probe_epochs = 5;
             o.absorption.k_sparse_probe_epochs = 5;
             o.scr_tpp.n_train = 40;
@@ -197,7 +198,17 @@ pub fn eval_options(
             o.core.recon_batches = 200;
             o.core.sparsity_batches = 2000;
             o.sparse_probing.n_train = 4000;
+            o.sparse_probing.n_val = 1000;
             o.sparse_probing.n_test = 1000;
+            o.sparse_probing.max_classes = 5;
+            o.scr_tpp.n_train = 4000;
+            o.scr_tpp.n_test = 1000;
+            o.scr_tpp.max_classes = 5;
+            // SAEBench's absorption: the whole vocabulary, one prompt per word.
+            o.absorption.max_words = None;
+            o.absorption.max_words_per_letter = None;
+            o.absorption.packed_ctx = None;
+            o.absorption.k_sparse_probe_batch_size = 4096;
         }
         other => bail!("unknown evaluation sizes `{other}` (default | saebench | tiny)"),
     }
