@@ -109,6 +109,30 @@ pub fn first_letter_vocab(lm: &dyn HookedLm) -> Vec<(String, usize)> {
     out
 }
 
+/// The words used, in split order (the first 80% train): shuffled with the seed,
+/// capped per letter, then globally.
+pub fn select_words(
+    mut vocab: Vec<(String, usize)>,
+    cfg: &AbsorptionConfig,
+    rng: &mut Rng,
+) -> Vec<(String, usize)> {
+    rng.shuffle(&mut vocab);
+    if let Some(cap) = cfg.max_words_per_letter {
+        let mut per = [0usize; 26];
+        vocab.retain(|w| {
+            per[w.1] += 1;
+            per[w.1] <= cap
+        });
+        // The frequent letters reach their cap early in the list: shuffle again, or
+        // all their words would land in the training split.
+        rng.shuffle(&mut vocab);
+    }
+    if let Some(m) = cfg.max_words {
+        vocab.truncate(m);
+    }
+    vocab
+}
+
 /// The in-context prompt: a newline, the examples (`"{ex} has the first letter: X"`)
 /// joined by newlines, a newline, then the target with the template.
 pub fn icl_prompt(template: &str, word: &str, examples: &[&str]) -> String {
@@ -496,18 +520,7 @@ pub fn run_absorption(
         ),
     ]);
     let mut rng = Rng::new(cfg.seed);
-    let mut vocab = first_letter_vocab(lm);
-    rng.shuffle(&mut vocab);
-    if let Some(cap) = cfg.max_words_per_letter {
-        let mut per = [0usize; 26];
-        vocab.retain(|w| {
-            per[w.1] += 1;
-            per[w.1] <= cap
-        });
-    }
-    if let Some(m) = cfg.max_words {
-        vocab.truncate(m);
-    }
+    let vocab = select_words(first_letter_vocab(lm), cfg, &mut rng);
     if vocab.len() < 2 * (cfg.icl_examples + 1) {
         return Ok(no_result(
             config,
@@ -661,6 +674,15 @@ pub fn run_absorption(
         );
         if let J::Obj(fields) = &mut r.unstructured {
             fields.push(("ground_truth_probe_f1".into(), J::nums(&gt_f1)));
+            let count = |ls: &[usize]| {
+                J::Arr(
+                    (0..26)
+                        .map(|l| J::Int(ls.iter().filter(|&&t| t == l).count() as i64))
+                        .collect(),
+                )
+            };
+            fields.push(("n_words_train_per_letter".into(), count(l_train)));
+            fields.push(("n_words_test_per_letter".into(), count(l_test)));
         }
         return Ok(r);
     }
@@ -866,6 +888,34 @@ mod tests {
         // Negative probe projection: nothing to absorb.
         let w = case([-1.0, 0.0, 0.0], &[1], &[2.0], &cos, &[0]);
         assert_eq!((w.absorption_fraction, w.full_absorption), (0.0, false));
+    }
+
+    #[test]
+    fn per_letter_cap_keeps_every_letter_in_both_splits() {
+        // Skewed letter frequencies, as in a real vocabulary: letter l has 40 * (26 - l)
+        // + 10 words.
+        let mut vocab = Vec::new();
+        for l in 0..26usize {
+            for i in 0..40 * (26 - l) + 10 {
+                vocab.push((format!("{}w{i}", (b'a' + l as u8) as char), l));
+            }
+        }
+        let cfg = AbsorptionConfig {
+            max_words_per_letter: Some(100),
+            ..Default::default()
+        };
+        let words = select_words(vocab, &cfg, &mut Rng::new(3));
+        let n_train = words.len() * 4 / 5;
+        for l in 0..26 {
+            let n = words.iter().filter(|w| w.1 == l).count();
+            let test = words[n_train..].iter().filter(|w| w.1 == l).count();
+            assert!(n <= 100);
+            // About a fifth of each letter's words are test words.
+            assert!(
+                test * 10 >= n && test * 10 <= 4 * n,
+                "letter {l}: {test} of {n}"
+            );
+        }
     }
 
     #[test]

@@ -46,8 +46,8 @@ impl Default for ScrTppConfig {
             probe_l1: 1e-3,
             probe_batch: 16,
             // CPU-sized (SAEBench: 4000 / 1000 per probe); `--saebench-sizes` sets those.
-            n_train: 400,
-            n_test: 200,
+            n_train: 240,
+            n_test: 120,
             ctx: 128,
             max_classes: 4,
             llm_batch_size: 16,

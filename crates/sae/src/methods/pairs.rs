@@ -305,8 +305,10 @@ pub struct PairEntry {
 /// 1. an entry whose decayed value (the larger of its two numbers) is below `epsilon`
 ///    reads as 0 and is dropped when its latent is next updated;
 /// 2. when the total number of entries exceeds `max_entries`, the smallest decayed
-///    entries are dropped until at most `3/4 * max_entries` remain (the hysteresis makes
-///    the O(entries) selection rarer).
+///    entries are dropped until about `3/4 * max_entries` remain (exactly, below 256k
+///    entries; above, the cutoff value is estimated from a strided sample of 256k
+///    entries, so the count kept is within sampling error of the target). The
+///    hysteresis makes the O(entries) pass rarer.
 ///
 /// Memory: 16 bytes per entry, so `max_entries = 8_000_000` is at most 128 MB.
 #[derive(Clone, Debug)]
@@ -537,30 +539,80 @@ impl PairEma {
         }
         let target = self.max_entries * 3 / 4;
         let now = self.t;
-        let mut vals: Vec<f32> = Vec::with_capacity(total);
+        let m = self.momentum;
+        let value = |e: &PairEntry| {
+            let age = now - e.last;
+            let f = if age < 64 {
+                DECAY_TABLE.with(|t| t.factor(m, age))
+            } else {
+                m.powi(age as i32)
+            };
+            e.v[0].max(e.v[1]) * f
+        };
+        // The cutoff comes from a strided sample of at most ~256k entries: an exact
+        // selection over millions of entries, run whenever the bound is reached (every
+        // few steps at F = 16384), cost more than the penalty itself. Below the sample
+        // size the selection is exact.
+        let stride = total.div_ceil(SAMPLE).max(1);
+        let mut sample: Vec<f32> = Vec::with_capacity(total / stride + 1);
+        let mut skip = 0usize;
         for l in &self.lists {
-            for e in l {
-                let d = self.decay(e, now);
-                vals.push(d[0].max(d[1]));
+            let mut k = skip;
+            while k < l.len() {
+                sample.push(value(&l[k]));
+                k += stride;
             }
+            skip = k - l.len();
         }
         // Keep the `target` largest: cutoff = the (total - target)-th smallest value;
-        // everything <= cutoff goes (ties go too, so at most `target` remain).
-        let k = total - target - 1;
-        let (_, cut, _) = vals.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+        // everything <= cutoff goes (ties go too).
+        let k = ((total - target) * sample.len() / total).clamp(1, sample.len()) - 1;
+        let (_, cut, _) = sample.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
         let cut = *cut;
-        let m = self.momentum;
-        let mut dropped = 0u64;
-        for l in &mut self.lists {
-            let before = l.len();
-            l.retain(|e| {
-                let f = m.powi((now - e.last) as i32);
-                (e.v[0] * f).max(e.v[1] * f) > cut
-            });
-            dropped += (before - l.len()) as u64;
-        }
-        self.evicted += dropped;
+        let dropped: usize = self
+            .lists
+            .par_iter_mut()
+            .with_min_len(256)
+            .map(|l| {
+                let before = l.len();
+                l.retain(|e| value(e) > cut);
+                before - l.len()
+            })
+            .sum();
+        self.evicted += dropped as u64;
     }
+}
+
+/// Sample size for the eviction cutoff of [`PairEma::enforce_bound`].
+const SAMPLE: usize = 1 << 18;
+
+/// `m^age` for ages below 64, per thread, rebuilt when the momentum changes.
+struct DecayTable {
+    m: std::cell::Cell<f32>,
+    pow: std::cell::RefCell<[f32; 64]>,
+}
+
+impl DecayTable {
+    fn factor(&self, m: f32, age: u32) -> f32 {
+        if self.m.get() != m {
+            let mut p = self.pow.borrow_mut();
+            p[0] = 1.0;
+            for d in 1..64 {
+                p[d] = p[d - 1] * m;
+            }
+            self.m.set(m);
+        }
+        self.pow.borrow()[age as usize]
+    }
+}
+
+thread_local! {
+    static DECAY_TABLE: DecayTable = const {
+        DecayTable {
+            m: std::cell::Cell::new(f32::NAN),
+            pow: std::cell::RefCell::new([1.0; 64]),
+        }
+    };
 }
 
 #[cfg(test)]
