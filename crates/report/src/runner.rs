@@ -163,6 +163,22 @@ pub fn run_plan(
         cache_activations(&model, &dataset, &co, &store_dir)?;
     }
     let store = Arc::new(ActivationStore::open(&store_dir)?);
+    {
+        // A complete store is reused as is: make sure it is this plan's.
+        let m = store.manifest();
+        if m.hook != plan.hook || m.ctx_len != plan.ctx_len || m.model != model.config().name {
+            bail!(
+                "{} holds activations of {} at {} (context {}), but the plan asks for {} at {} (context {}); use a new run directory",
+                store_dir.display(),
+                m.model,
+                m.hook,
+                m.ctx_len,
+                model.config().name,
+                plan.hook,
+                plan.ctx_len
+            );
+        }
+    }
     overall.inc(1);
 
     // Stage 2: training, one shared read per seed.

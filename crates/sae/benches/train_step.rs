@@ -2,7 +2,9 @@
 //! 2304 on synthetic structured activations, and the share of the step taken by its
 //! floor, the dense encoder GEMM `[B, d_in] x [d_in, F]`.
 //!
-//! Run: `cargo bench -p saelab-sae --bench train_step` (optional args: d_in values).
+//! Run: `cargo bench -p saelab-sae --bench train_step` (optional args: d_in values, and
+//! `standard` for a ReLU + L1 step instead: its codes are dense early in training, so
+//! it shows the dense-kernel path; `SAELAB_DENSE_FROM=2` forces the sparse kernels).
 
 use saelab_core::gemm::{gemm, MatMut, MatRef};
 use saelab_sae::config::{Architecture, TrainConfig};
@@ -11,6 +13,7 @@ use saelab_sae::trainer::{TrainHooks, TrainSae, W_ENC};
 use std::time::Instant;
 
 fn main() {
+    let standard = std::env::args().any(|a| a == "standard");
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -26,7 +29,12 @@ fn main() {
         let steps = if d >= 2000 { 4 } else { 8 };
         let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
         let cfg = TrainConfig {
-            architecture: Architecture::Topk,
+            architecture: if standard {
+                Architecture::Standard
+            } else {
+                Architecture::Topk
+            },
+            l1_coeff: standard.then_some(0.04),
             d_sae: f,
             k,
             batch_size: b,
@@ -82,7 +90,8 @@ fn main() {
         let flops = 2.0 * (b * d * f) as f64;
         let m = last.unwrap();
         println!(
-            "d_in {d:5} F {f} k {k} B {b}: step {:.1} ms, {:.0} tokens/s; encoder GEMM {:.1} ms ({:.1} GFLOP/s) = {:.0}% of the step; l0 {:.1} dead {:.3} auxk {:.4}",
+            "{} d_in {d:5} F {f} k {k} B {b}: step {:.1} ms, {:.0} tokens/s; encoder GEMM {:.1} ms ({:.1} GFLOP/s) = {:.0}% of the step; l0 {:.1} dead {:.3} auxk {:.4}",
+            if standard { "standard" } else { "topk" },
             step_s * 1e3,
             b as f64 / step_s,
             gemm_s * 1e3,

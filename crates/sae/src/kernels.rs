@@ -289,6 +289,145 @@ pub fn grad_vals(
         });
 }
 
+/// Code density (entries / (rows * F)) from which the dense kernels below replace the
+/// sparse ones. The sparse kernels cost one decoder-row gather (d floats, from L3 or
+/// memory) per entry, the dense ones 2 d FLOPs per (row, latent) at GEMM speed; a
+/// ReLU SAE at initialisation fires about half its latents, where the sparse path was
+/// ~6x slower than dictionary_learning's dense one. The crossover is measured by
+/// `cargo bench -p saelab-sae --bench train_step -- standard` (docs/benchmarks-sae.md),
+/// which sets `SAELAB_DENSE_FROM` (read once; for benchmarks) to force either path.
+pub const DENSE_FROM: f64 = 1.0 / 16.0;
+
+/// Whether `nnz` entries over `rows x f` are dense enough for the dense kernels.
+pub fn dense_pays(nnz: usize, rows: usize, f: usize) -> bool {
+    static FROM: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let from = *FROM.get_or_init(|| {
+        std::env::var("SAELAB_DENSE_FROM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DENSE_FROM)
+    });
+    nnz as f64 >= from * rows as f64 * f as f64
+}
+
+/// The `[rows, f]` matrix of the entries (`rows_of[p]`, `lat[p]`, `val[p]`); entries
+/// that repeat a (row, latent) are summed.
+pub fn densify(rows_of: &[u32], lat: &[u32], val: &[f32], rows: usize, f: usize) -> Vec<f32> {
+    let mut m = vec![0f32; rows * f];
+    if rows_of.windows(2).all(|w| w[0] <= w[1]) {
+        // Entries grouped by row (the usual case): fill rows in parallel.
+        m.par_chunks_mut(f)
+            .with_min_len(ROW_TASK)
+            .enumerate()
+            .for_each(|(r, out)| {
+                let lo = rows_of.partition_point(|&x| (x as usize) < r);
+                let hi = rows_of.partition_point(|&x| (x as usize) <= r);
+                for (&l, &v) in lat[lo..hi].iter().zip(&val[lo..hi]) {
+                    out[l as usize] += v;
+                }
+            });
+    } else {
+        for ((&r, &l), &v) in rows_of.iter().zip(lat).zip(val) {
+            m[r as usize * f + l as usize] += v;
+        }
+    }
+    m
+}
+
+/// Dense decoder: `out = bias + codes W` with `codes` `[rows, f]`, `W` `[f, d]`.
+pub fn decode_dense(
+    codes: &[f32],
+    rows: usize,
+    f: usize,
+    w: &[f32],
+    d: usize,
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(d).for_each(|o| o.copy_from_slice(bias));
+    gemm(
+        1.0,
+        MatRef::row_major(codes, rows, f),
+        MatRef::row_major(w, f, d),
+        1.0,
+        MatMut::row_major(out, rows, d),
+    );
+}
+
+/// Dense counterpart of [`decoder_backward`] (one upstream matrix `dy` `[rows, d]`):
+/// `grad_val[p] += (dy W^T)[rows_of[p], lat[p]]` and `grad_w += codes^T dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_backward_dense(
+    codes: &[f32],
+    rows: usize,
+    f: usize,
+    rows_of: &[u32],
+    lat: &[u32],
+    w: &[f32],
+    d: usize,
+    dy: &[f32],
+    grad_w: &mut [f32],
+    grad_val: &mut [f32],
+) {
+    let mut g = vec![0f32; rows * f];
+    gemm(
+        1.0,
+        MatRef::row_major(dy, rows, d),
+        MatRef::row_major(w, f, d).t(),
+        0.0,
+        MatMut::row_major(&mut g, rows, f),
+    );
+    for ((gv, &r), &l) in grad_val.iter_mut().zip(rows_of).zip(lat) {
+        *gv += g[r as usize * f + l as usize];
+    }
+    gemm(
+        1.0,
+        MatRef::row_major(codes, rows, f).t(),
+        MatRef::row_major(dy, rows, d),
+        1.0,
+        MatMut::row_major(grad_w, f, d),
+    );
+}
+
+/// Dense counterpart of [`accum_rows`] (one source matrix `src` `[rows, d]`):
+/// `grad += C^T src` with `C` the `[rows, f]` matrix of the coefficients; returns the
+/// per-latent sums of the coefficients.
+#[allow(clippy::too_many_arguments)]
+pub fn accum_rows_dense(
+    rows_of: &[u32],
+    lat: &[u32],
+    coef: &[f32],
+    src: &[f32],
+    rows: usize,
+    f: usize,
+    d: usize,
+    grad: &mut [f32],
+) -> Vec<f32> {
+    let c = densify(rows_of, lat, coef, rows, f);
+    gemm(
+        1.0,
+        MatRef::row_major(&c, rows, f).t(),
+        MatRef::row_major(src, rows, d),
+        1.0,
+        MatMut::row_major(grad, f, d),
+    );
+    // Column sums in fixed row chunks (reproducible whatever the thread count).
+    c.par_chunks(f * 64)
+        .map(|block| {
+            let mut s = vec![0f32; f];
+            for row in block.chunks_exact(f) {
+                s.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; f], |mut acc, s| {
+            acc.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+            acc
+        })
+}
+
 /// The active entries grouped by latent (compressed sparse columns): the entries of
 /// latent `l` are `ent[ptr[l]..ptr[l + 1]]` (indices into the entry arrays), in
 /// increasing entry order, with their rows in `rows`.
@@ -814,6 +953,41 @@ mod tests {
             let s: f64 = (0..f).map(|l| sums[l] as f64 * w[l * d + j] as f64).sum();
             assert!((s - ws[j] as f64).abs() < 1e-3);
         }
+
+        // The dense kernels give the same results as the sparse ones (entries with
+        // repeats: the aux path can list a (row, latent) twice).
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{what}: {x} vs {y}"
+                );
+            }
+        };
+        assert!(dense_pays(codes.nnz(), rows, f));
+        let fd = densify(&er, &codes.idx, &codes.val, rows, f);
+        assert_eq!(fd, dense);
+        let mut out_d = vec![0f32; rows * d];
+        decode_dense(&fd, rows, f, &w, d, &bias, &mut out_d);
+        close(&out_d, &out, "dense decode");
+        let (mut g3, mut gv3) = (vec![0f32; f * d], vec![0f32; codes.nnz()]);
+        decoder_backward_dense(&fd, rows, f, &er, &codes.idx, &w, d, &dy, &mut g3, &mut gv3);
+        close(&g3, &g, "dense backward, weight part");
+        close(&gv3, &gv, "dense backward, value part");
+        let mut rows_rep = er.clone();
+        rows_rep.push(er[0]);
+        let mut lat_rep = codes.idx.clone();
+        lat_rep.push(codes.idx[0]);
+        let mut coef_rep = codes.val.clone();
+        coef_rep.push(0.5);
+        let csc_rep = Csc::build(f, &rows_rep, &lat_rep);
+        let mut g4 = vec![0f32; f * d];
+        let s4 = accum_rows(&csc_rep, &coef_rep, &dy, d, &|_| 0, d, &mut g4);
+        let mut g5 = vec![0f32; f * d];
+        let s5 = accum_rows_dense(&rows_rep, &lat_rep, &coef_rep, &dy, rows, f, d, &mut g5);
+        close(&g5, &g4, "dense accum_rows");
+        close(&s5, &s4, "dense accum_rows sums");
+        assert!(!dense_pays(rows * f / 20, rows, f));
     }
 
     #[test]

@@ -679,24 +679,33 @@ impl TrainSae {
         let group_of = |l: u32| prefixes.partition_point(|&p| p <= l as usize);
         let w_dec = &self.tensors[W_DEC].p;
         let b_dec = &self.tensors[B_DEC].p;
+        let entry_rows = kernels::entry_rows(&codes.offsets);
+        // Dense codes (a ReLU SAE early in training fires about half its latents): GEMM
+        // kernels instead of per-entry gathers. Not for Matryoshka prefixes.
+        let dense_codes = (ng == 1 && kernels::dense_pays(codes.nnz(), rows, f))
+            .then(|| kernels::densify(&entry_rows, &codes.idx, &codes.val, rows, f));
         // recon[r, g] = b_dec + sum of the row's entries with latent < prefixes[g].
         let mut recon = vec![0f32; rows * ng * d];
-        recon
-            .par_chunks_mut(ng * d)
-            .enumerate()
-            .for_each(|(r, out)| {
-                let mut acc = b_dec.clone();
-                let (idx, val) = codes.row(r);
-                let mut p = 0;
-                for g in 0..ng {
-                    while p < idx.len() && (idx[p] as usize) < prefixes[g] {
-                        let l = idx[p] as usize;
-                        kernels::axpy(val[p], &w_dec[l * d..(l + 1) * d], &mut acc);
-                        p += 1;
+        if let Some(fd) = &dense_codes {
+            kernels::decode_dense(fd, rows, f, w_dec, d, b_dec, &mut recon);
+        } else {
+            recon
+                .par_chunks_mut(ng * d)
+                .enumerate()
+                .for_each(|(r, out)| {
+                    let mut acc = b_dec.clone();
+                    let (idx, val) = codes.row(r);
+                    let mut p = 0;
+                    for g in 0..ng {
+                        while p < idx.len() && (idx[p] as usize) < prefixes[g] {
+                            let l = idx[p] as usize;
+                            kernels::axpy(val[p], &w_dec[l * d..(l + 1) * d], &mut acc);
+                            p += 1;
+                        }
+                        out[g * d..(g + 1) * d].copy_from_slice(&acc);
                     }
-                    out[g * d..(g + 1) * d].copy_from_slice(&acc);
-                }
-            });
+                });
+        }
         let x_hat: Vec<f32> = if ng == 1 {
             recon.clone()
         } else {
@@ -752,23 +761,36 @@ impl TrainSae {
         let nnz = codes.nnz();
         let mut grad_val = vec![0f32; nnz];
         let dy_off = |l: u32| group_of(l) * d;
-        let entry_rows = kernels::entry_rows(&codes.offsets);
-        let csc_main = Csc::build(f, &entry_rows, &codes.idx);
         // Reconstruction part of d loss / d codes and of d loss / d W_dec, in one
         // latent-major pass (the gradient buffer is moved out and back: no early return
         // can happen in between).
         let mut g_dec = std::mem::take(&mut self.tensors[W_DEC].g);
-        kernels::decoder_backward(
-            &csc_main,
-            &codes.val,
-            &self.tensors[W_DEC].p,
-            d,
-            &dy,
-            ng * d,
-            &dy_off,
-            &mut g_dec,
-            &mut grad_val,
-        );
+        match &dense_codes {
+            Some(fd) => kernels::decoder_backward_dense(
+                fd,
+                rows,
+                f,
+                &entry_rows,
+                &codes.idx,
+                &self.tensors[W_DEC].p,
+                d,
+                &dy,
+                &mut g_dec,
+                &mut grad_val,
+            ),
+            None => kernels::decoder_backward(
+                &Csc::build(f, &entry_rows, &codes.idx),
+                &codes.val,
+                &self.tensors[W_DEC].p,
+                d,
+                &dy,
+                ng * d,
+                &dy_off,
+                &mut g_dec,
+                &mut grad_val,
+            ),
+        }
+        drop(dense_codes);
         self.tensors[W_DEC].g = g_dec;
         let w_dec = &self.tensors[W_DEC].p;
         let b_dec = &self.tensors[B_DEC].p;
@@ -1093,16 +1115,28 @@ impl TrainSae {
                 (rows_v, lat, coef, None)
             }
         };
-        let csc_enc = Csc::build(f, &enc_rows, &enc_lat);
-        let csum = kernels::accum_rows(
-            &csc_enc,
-            &enc_coef,
-            &x_c,
-            d,
-            &|_| 0,
-            d,
-            &mut self.tensors[W_ENC].g,
-        );
+        let csum = if kernels::dense_pays(enc_lat.len(), rows, f) {
+            kernels::accum_rows_dense(
+                &enc_rows,
+                &enc_lat,
+                &enc_coef,
+                &x_c,
+                rows,
+                f,
+                d,
+                &mut self.tensors[W_ENC].g,
+            )
+        } else {
+            kernels::accum_rows(
+                &Csc::build(f, &enc_rows, &enc_lat),
+                &enc_coef,
+                &x_c,
+                d,
+                &|_| 0,
+                d,
+                &mut self.tensors[W_ENC].g,
+            )
+        };
         {
             let bsum = bias_coef.as_ref().unwrap_or(&csum);
             self.tensors[B_ENC]
@@ -1143,17 +1177,17 @@ impl TrainSae {
 
         // Decoder rows with a gradient (the parallel-component removal touches only these).
         let mut touched = vec![false; f];
-        for (l, t) in touched.iter_mut().enumerate() {
-            *t = csc_main.touched(l);
-        }
-        for &l in aux.idx.iter().chain(&reg_dec.latents) {
+        for &l in codes.idx.iter().chain(&aux.idx).chain(&reg_dec.latents) {
             touched[l as usize] = true;
         }
         for &(l, _) in &dec_norm_grad {
             touched[l as usize] = true;
         }
         prof.lap("b_dec gradient");
-        let enc_touched: Vec<bool> = (0..f).map(|l| csc_enc.touched(l)).collect();
+        let mut enc_touched = vec![false; f];
+        for &l in &enc_lat {
+            enc_touched[l as usize] = true;
+        }
         Ok(Fwd {
             prof,
             enc_touched,
