@@ -9,6 +9,7 @@
 //! are unbiased estimates over pairs; `max` is the largest over the sampled rows' pairs,
 //! a lower bound of the true maximum).
 
+use super::pairs::{pair_events, row_sample};
 use super::progressive::{sparse_penalty, CoactStats};
 use crate::codes::SparseCodes;
 use anyhow::{Context, Result};
@@ -121,10 +122,28 @@ pub fn decoder_cosine_stats(
 
 /// Co-activation statistics of a batch at a given co-firing threshold: the fraction of
 /// co-firing ordered pairs with `n_ij > threshold` and the mean `c_ij` (Method 1's
-/// quantities, computed sparsely; no gradient, no state).
+/// quantities, computed sparsely; no gradient, no state). Dense codes (a ReLU SAE early
+/// in training) are measured on an evenly strided row sample of at most
+/// [`MONITOR_PAIR_EVENTS`] pair events, as the quantities are ratios over pairs.
 pub fn coactivation_stats(codes: &SparseCodes, threshold: f64) -> CoactStats {
+    let events = pair_events(codes);
+    if events > MONITOR_PAIR_EVENTS {
+        let stride = events.div_ceil(MONITOR_PAIR_EVENTS) as usize;
+        return sparse_penalty(
+            &row_sample(codes, stride),
+            threshold,
+            0.0,
+            false,
+            None,
+            None,
+        )
+        .stats;
+    }
     sparse_penalty(codes, threshold, 0.0, false, None, None).stats
 }
+
+/// Pair-event budget of one monitoring record (TopK k = 40, B = 2048 has 3.2M).
+pub const MONITOR_PAIR_EVENTS: u64 = 8_000_000;
 
 /// One monitoring record.
 #[derive(Clone, Debug, Default, Serialize)]

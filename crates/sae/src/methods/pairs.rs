@@ -280,6 +280,36 @@ pub fn run_latents<R: Send>(
     (res, grad)
 }
 
+/// Ordered co-firing pair events of a batch: `sum_r nnz_r (nnz_r - 1)`. With TopK codes
+/// this is `B k (k - 1)`; with the dense codes of a ReLU SAE early in training it is
+/// `B L0^2` (5 billion at B = 2048, L0 = 1600), where the pair engine would cost seconds
+/// per step.
+pub fn pair_events(codes: &SparseCodes) -> u64 {
+    (0..codes.rows)
+        .map(|r| {
+            let n = (codes.offsets[r + 1] - codes.offsets[r]) as u64;
+            n * n.saturating_sub(1)
+        })
+        .sum()
+}
+
+/// The rows `0, stride, 2 stride, ...` of `codes`: the deterministic row sample the
+/// pair statistics use when a batch has more pair events than their budget.
+pub fn row_sample(codes: &SparseCodes, stride: usize) -> SparseCodes {
+    let stride = stride.max(1);
+    let rows: Vec<usize> = (0..codes.rows).step_by(stride).collect();
+    let nnz = rows
+        .iter()
+        .map(|&r| codes.offsets[r + 1] - codes.offsets[r])
+        .sum();
+    let mut out = SparseCodes::with_capacity(rows.len(), codes.d_sae, nnz);
+    for r in rows {
+        let (idx, val) = codes.row(r);
+        out.push_row(idx.iter().copied().zip(val.iter().copied()));
+    }
+    out
+}
+
 const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA1";
 
 /// One stored pair statistic, in the list of its first latent `i`: `v` holds two

@@ -109,6 +109,10 @@ pub struct InterferenceConfig {
     pub ema_max_entries: usize,
     /// At most this many pairs (the largest weights) are penalised per step; default 16384.
     pub max_pairs_per_step: usize,
+    /// Budget of ordered co-firing pair events per step for the pair statistics; a batch
+    /// above it (dense codes: a ReLU SAE early in training) updates them from an evenly
+    /// strided row sample that fits. Default 8M (TopK k = 40, B = 2048 has 3.2M).
+    pub max_pair_events: u64,
 }
 
 impl Default for InterferenceConfig {
@@ -123,6 +127,7 @@ impl Default for InterferenceConfig {
             ema_epsilon: 1e-3,
             ema_max_entries: 4_000_000,
             max_pairs_per_step: 16384,
+            max_pair_events: 8_000_000,
         }
     }
 }
@@ -251,8 +256,8 @@ impl SelfCorrectingConfig {
                 p.ema_epsilon
             );
         }
-        if p.ema_max_entries < 16 || p.max_pairs_per_step == 0 {
-            bail!("self_correcting.penalty: ema_max_entries must be >= 16 and max_pairs_per_step >= 1");
+        if p.ema_max_entries < 16 || p.max_pairs_per_step == 0 || p.max_pair_events == 0 {
+            bail!("self_correcting.penalty: ema_max_entries must be >= 16, max_pairs_per_step and max_pair_events >= 1");
         }
         let r = &self.reactivation;
         if r.enabled && (r.dead_window == 0 || r.check_every == 0 || r.hot_latents == 0) {
@@ -867,8 +872,19 @@ impl Regularizer for SelfCorrecting {
         // part is on; the loss and decoder gradient only when the penalty is on (with
         // the penalty off the mass is still measured, as a diagnostic).
         if p.enabled || self.cfg.reactivation.enabled {
+            // Dense codes: statistics from a row sample within the pair budget.
+            let events = super::pairs::pair_events(codes);
+            let sample;
+            let stat_codes = if events > p.max_pair_events {
+                let stride = events.div_ceil(p.max_pair_events) as usize;
+                sample = super::pairs::row_sample(codes, stride);
+                metrics.push(("sc_pair_row_stride".into(), stride as f64));
+                &sample
+            } else {
+                codes
+            };
             let (pairs, candidates) = interference_candidates(
-                codes,
+                stat_codes,
                 &mut self.ema,
                 p.statistic,
                 p.tau as f32,
@@ -1018,6 +1034,69 @@ impl Regularizer for SelfCorrecting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_batches_use_a_strided_row_sample_within_the_budget() {
+        use crate::methods::pairs::{pair_events, row_sample};
+        let mut rng = Rng::new(4);
+        let (rows, f) = (64, 40);
+        let mut c = SparseCodes::with_capacity(rows, f, rows * f);
+        for _ in 0..rows {
+            let mut row = Vec::new();
+            for i in 0..f as u32 {
+                if rng.f32() < 0.5 {
+                    row.push((i, 1.0 + rng.f32()));
+                }
+            }
+            c.push_row(row);
+        }
+        let ev = pair_events(&c);
+        let want: u64 = (0..rows)
+            .map(|r| {
+                let n = c.row(r).0.len() as u64;
+                n * n.saturating_sub(1)
+            })
+            .sum();
+        assert_eq!(ev, want);
+        let s = row_sample(&c, 3);
+        assert_eq!(s.rows, rows.div_ceil(3));
+        for (k, r) in (0..rows).step_by(3).enumerate() {
+            assert_eq!(s.row(k), c.row(r));
+        }
+        // A penalty step on the dense batch uses the sample and reports its stride; the
+        // full batch (budget above its events) reports none.
+        let d_in = 6;
+        let mut w = vec![0f32; f * d_in];
+        rng.fill_normal(&mut w, 1.0);
+        let x = vec![0f32; rows * d_in];
+        let ctx = StepContext {
+            step: 1,
+            total_steps: 10,
+            d_in,
+            d_sae: f,
+            x: &x,
+            x_hat: &x,
+            w_dec: &w,
+            pre_active: None,
+        };
+        let stride_of = |budget: u64| {
+            let mut cfg = SelfCorrectingConfig::default();
+            cfg.penalty.max_pair_events = budget;
+            cfg.profile_every = 0;
+            let resets = Arc::new(Mutex::new(Vec::new()));
+            let mut sc = SelfCorrecting::new(cfg, f, 2, resets).unwrap();
+            let mut gd = DecoderRowGrads::default();
+            let out = sc
+                .penalty(&ctx, &c, &mut vec![0.0; c.nnz()], &mut gd)
+                .unwrap();
+            out.metrics
+                .iter()
+                .find(|(n, _)| n == "sc_pair_row_stride")
+                .map(|m| m.1)
+        };
+        assert_eq!(stride_of(ev / 4), Some(ev.div_ceil(ev / 4) as f64));
+        assert_eq!(stride_of(ev), None);
+    }
 
     #[test]
     fn zscore_gate_matches_hand_computed_ema() {
