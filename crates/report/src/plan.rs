@@ -427,14 +427,23 @@ mod shipped_plans {
 
     #[test]
     fn shipped_plans_parse_and_expand() {
-        for (name, text) in [
-            ("quickstart", include_str!("../../../plans/quickstart.toml")),
-            ("research", include_str!("../../../plans/research.toml")),
+        for (name, text, seeds) in [
+            (
+                "quickstart",
+                include_str!("../../../plans/quickstart.toml"),
+                3,
+            ),
+            ("research", include_str!("../../../plans/research.toml"), 3),
+            (
+                "research-300k",
+                include_str!("../../../plans/research-300k.toml"),
+                1,
+            ),
         ] {
             let p = Plan::parse(text).unwrap_or_else(|e| panic!("plans/{name}.toml: {e:#}"));
             assert_eq!(p.name, name);
             assert!(p.expand().unwrap().len() >= 3);
-            assert_eq!(p.seeds.len(), 3);
+            assert_eq!(p.seeds.len(), seeds);
         }
     }
 }
