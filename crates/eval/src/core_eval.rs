@@ -3,11 +3,13 @@
 //! statistics.
 //!
 //! Token rows: documents tokenized without BOS and concatenated with a BOS between
-//! documents, cut into rows of exactly `ctx` tokens, each starting with BOS. The first
-//! `recon_batches` batches run three forwards (clean; SAE spliced at the hook with
-//! masked positions keeping x; hook zero-ablated); all `sparsity_batches` batches feed
-//! the reconstruction/sparsity statistics. The clean and ablation losses and the
-//! sparsity batches' activations do not depend on the SAE and are cached.
+//! documents, cut into rows of exactly `ctx` tokens, each starting with BOS. The hook
+//! activations of the batches are computed once and cached (they do not depend on the
+//! SAE); all `sparsity_batches` batches feed the reconstruction/sparsity statistics.
+//! The first `recon_batches` batches run three forwards resumed from the cached hook
+//! activation (clean; SAE spliced at the hook with masked positions keeping x; hook
+//! zero-ablated), so only the layers after the hook run; the clean and ablation
+//! losses are cached too, leaving two partial forwards per batch for each new SAE.
 
 use crate::cache::{ActCache, Blob};
 use crate::lm_api::HookedLm;
@@ -145,8 +147,42 @@ pub fn run_core(
     );
     let v = lm.vocab_size();
 
+    // Hook activations of the first max(recon, sparsity) batches: they feed the
+    // sparsity/variance statistics, and the recon batches' forwards resume from them.
+    let n_acts = n_recon.max(n_sparse);
+    let act_key = format!("{base_key}|acts|n={n_acts}");
+    let acts: Vec<f32> = match cache
+        .load(&act_key)
+        .and_then(|bl| bl.f32("acts").ok().map(|a| a.to_vec()))
+    {
+        Some(a) if a.len() == n_acts * b * s * d => a,
+        _ => {
+            let mut all = Vec::with_capacity(n_acts * b * s * d);
+            for bi in 0..n_acts {
+                let tok = &tokens[bi * b * s..(bi + 1) * b * s];
+                let a = lm.capture(tok, b, s, hook)?;
+                if a.len() != b * s * d {
+                    bail!(
+                        "LM returned {} activation values for a [{b}, {s}, {d}] batch",
+                        a.len()
+                    );
+                }
+                all.extend_from_slice(&a);
+            }
+            let blob = Blob {
+                f32s: vec![("acts".into(), all)],
+                ..Default::default()
+            };
+            if let Err(e) = cache.store(&act_key, &blob) {
+                tracing::warn!("could not write eval cache entry: {e:#}");
+            }
+            blob.f32s.into_iter().next().unwrap().1
+        }
+    };
+
     // Reconstruction batches: KL and CE.
-    let loss_key = format!("{base_key}|losses|n={n_recon}");
+    // "v2": KL/CE summed per position in log-sum-exp form (was a log-softmax per row).
+    let loss_key = format!("{base_key}|losses-v2|n={n_recon}");
     let cached = cache.load(&loss_key).and_then(|bl| {
         Some((
             stats_from_bits(bl.u64("clean").ok()?)?,
@@ -161,7 +197,8 @@ pub fn run_core(
     for bi in 0..n_recon {
         let tok = &tokens[bi * b * s..(bi + 1) * b * s];
         let mask = mask_of(tok, &ignored, cfg.exclude_special_tokens);
-        let (clean, _) = lm.logits_and_capture(tok, b, s, hook)?;
+        let x = &acts[bi * b * s * d..(bi + 1) * b * s * d];
+        let clean = lm.logits_from_activation(tok, b, s, hook, x, &mut |_, _, _| {})?;
         if clean.len() != b * s * v {
             bail!(
                 "LM returned {} logits for a [{b}, {s}, {v}] batch",
@@ -176,12 +213,11 @@ pub fn run_core(
                 }
             }
         };
-        let spliced = lm.logits_with_edit(tok, b, s, hook, &mut splice)?;
+        let spliced = lm.logits_from_activation(tok, b, s, hook, x, &mut splice)?;
         st_sae.add(&loss_stats(&clean, Some(&spliced), tok, &mask, b, s, v));
         if cached.is_none() {
             st_clean.add(&loss_stats(&clean, None, tok, &mask, b, s, v));
-            let abl =
-                lm.logits_with_edit(tok, b, s, hook, &mut |h: &mut [f32], _, _| h.fill(0.0))?;
+            let abl = lm.logits_from_activation(tok, b, s, hook, x, &mut |h, _, _| h.fill(0.0))?;
             st_abl.add(&loss_stats(&clean, Some(&abl), tok, &mask, b, s, v));
         }
     }
@@ -206,36 +242,6 @@ pub fn run_core(
         None => {}
     }
 
-    // Sparsity / variance batches.
-    let act_key = format!("{base_key}|acts|n={n_sparse}");
-    let acts: Vec<f32> = match cache
-        .load(&act_key)
-        .and_then(|bl| bl.f32("acts").ok().map(|a| a.to_vec()))
-    {
-        Some(a) if a.len() == n_sparse * b * s * d => a,
-        _ => {
-            let mut all = Vec::with_capacity(n_sparse * b * s * d);
-            for bi in 0..n_sparse {
-                let tok = &tokens[bi * b * s..(bi + 1) * b * s];
-                let a = lm.capture(tok, b, s, hook)?;
-                if a.len() != b * s * d {
-                    bail!(
-                        "LM returned {} activation values for a [{b}, {s}, {d}] batch",
-                        a.len()
-                    );
-                }
-                all.extend_from_slice(&a);
-            }
-            let blob = Blob {
-                f32s: vec![("acts".into(), all)],
-                ..Default::default()
-            };
-            if let Err(e) = cache.store(&act_key, &blob) {
-                tracing::warn!("could not write eval cache entry: {e:#}");
-            }
-            blob.f32s.into_iter().next().unwrap().1
-        }
-    };
     let mut acc = CoreAccumulator::new(d, sae.d_sae);
     for bi in 0..n_sparse {
         let x = &acts[bi * b * s * d..(bi + 1) * b * s * d];

@@ -355,16 +355,6 @@ mod tests {
             self.tokens.set(self.tokens.get() + t.len());
             self.inner.capture(t, b, s, h)
         }
-        fn logits_and_capture(
-            &self,
-            t: &[u32],
-            b: usize,
-            s: usize,
-            h: &str,
-        ) -> Result<(Vec<f32>, Vec<f32>)> {
-            self.tokens.set(self.tokens.get() + t.len());
-            self.inner.logits_and_capture(t, b, s, h)
-        }
         fn logits_with_edit(
             &self,
             t: &[u32],

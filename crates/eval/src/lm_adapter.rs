@@ -1,9 +1,10 @@
 //! [`HookedLm`] for `saelab_lm::Model`: hook names are parsed as `HookPoint`s, capture
-//! runs stop after the hook (`logits(false)`), edits are `Hooks::replace`.
+//! runs stop after the hook (`logits(false)`), edits are `Hooks::replace`, and edits of a
+//! known residual-stream activation resume the forward there (`Model::forward_from`).
 
-use crate::lm_api::HookedLm;
+use crate::lm_api::{logits_substituting, HookedLm};
 use anyhow::{Context, Result};
-use saelab_lm::{HookPoint, Hooks, Model};
+use saelab_lm::{HookKind, HookPoint, Hooks, Model};
 use std::str::FromStr;
 
 fn hook_point(hook: &str) -> Result<HookPoint> {
@@ -43,22 +44,6 @@ impl HookedLm for Model {
             .remove(&hp)
             .context("the LM did not capture the hook activation")
     }
-    fn logits_and_capture(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-        hook: &str,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let hp = hook_point(hook)?;
-        let mut hooks = Hooks::new().capture(hp).logits(true);
-        let mut out = self.forward(tokens, batch, seq, &mut hooks)?;
-        let acts = out
-            .captured
-            .remove(&hp)
-            .context("the LM did not capture the hook activation")?;
-        Ok((out.logits.context("the LM returned no logits")?, acts))
-    }
     fn logits_with_edit(
         &self,
         tokens: &[u32],
@@ -70,6 +55,24 @@ impl HookedLm for Model {
         let hp = hook_point(hook)?;
         let mut hooks = Hooks::new().replace(hp, edit).logits(true);
         let out = self.forward(tokens, batch, seq, &mut hooks)?;
+        out.logits.context("the LM returned no logits")
+    }
+    fn logits_from_activation(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        hook: &str,
+        act: &[f32],
+        edit: &mut dyn FnMut(&mut [f32], usize, usize),
+    ) -> Result<Vec<f32>> {
+        let hp = hook_point(hook)?;
+        if !matches!(hp.kind, HookKind::ResidPre | HookKind::ResidPost) {
+            // attn_out / mlp_out are not the residual stream: no resume point.
+            return logits_substituting(self, tokens, batch, seq, hook, act, edit);
+        }
+        let mut hooks = Hooks::new().replace(hp, edit).logits(true);
+        let out = self.forward_from(hp, act, tokens, batch, seq, &mut hooks)?;
         out.logits.context("the LM returned no logits")
     }
 }

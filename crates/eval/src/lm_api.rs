@@ -9,8 +9,8 @@
 //! Adapter sketch for `saelab_lm::Model` (hooks are "blocks.L.hook_resid_post" strings
 //! parsed with `HookPoint::from_str`): `capture` = `forward` with
 //! `Hooks::new().capture(hp).logits(false)`, taking `captured[&hp]`;
-//! `logits_and_capture` = the same with `.logits(true)`; `logits_with_edit` =
-//! `Hooks::new().replace(hp, edit).logits(true)`.
+//! `logits_with_edit` = `Hooks::new().replace(hp, edit).logits(true)`;
+//! `logits_from_activation` = `Model::forward_from` at residual-stream hooks.
 
 use anyhow::{bail, Result};
 use saelab_core::rng::Rng;
@@ -34,14 +34,6 @@ pub trait HookedLm {
     fn pad_id(&self) -> Option<u32>;
     /// Activation at `hook` for `tokens` [batch, seq]: [batch * seq, d_model].
     fn capture(&self, tokens: &[u32], batch: usize, seq: usize, hook: &str) -> Result<Vec<f32>>;
-    /// Clean logits [batch * seq, vocab] and the activation at `hook` [batch * seq, d].
-    fn logits_and_capture(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-        hook: &str,
-    ) -> Result<(Vec<f32>, Vec<f32>)>;
     /// Logits [batch * seq, vocab] with the activation at `hook` rewritten in place by
     /// `edit(act [rows, d], rows, d)` before the rest of the forward.
     fn logits_with_edit(
@@ -52,6 +44,22 @@ pub trait HookedLm {
         hook: &str,
         edit: &mut dyn FnMut(&mut [f32], usize, usize),
     ) -> Result<Vec<f32>>;
+
+    /// [`HookedLm::logits_with_edit`] for tokens whose activation at `hook` is already
+    /// known (`act`, [batch * seq, d], e.g. from a cache): the edit sees a copy of `act`.
+    /// Models that can resume a forward mid-way run only the part after `hook`; the
+    /// default runs the whole forward and substitutes `act` at the hook.
+    fn logits_from_activation(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        hook: &str,
+        act: &[f32],
+        edit: &mut dyn FnMut(&mut [f32], usize, usize),
+    ) -> Result<Vec<f32>> {
+        logits_substituting(self, tokens, batch, seq, hook, act, edit)
+    }
 
     /// Token ids SAEBench ignores: pad, eos, bos.
     fn ignored_ids(&self) -> Vec<u32> {
@@ -71,6 +79,30 @@ pub trait HookedLm {
             .or(self.bos_id())
             .unwrap_or(0)
     }
+}
+
+/// The whole forward with `act` substituted at `hook`, then `edit`: the default of
+/// [`HookedLm::logits_from_activation`], for models (or hooks) that cannot resume.
+pub fn logits_substituting<L: HookedLm + ?Sized>(
+    lm: &L,
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    hook: &str,
+    act: &[f32],
+    edit: &mut dyn FnMut(&mut [f32], usize, usize),
+) -> Result<Vec<f32>> {
+    if act.len() != batch * seq * lm.d_model() {
+        bail!(
+            "{} activation values given for a [{batch}, {seq}, {}] batch",
+            act.len(),
+            lm.d_model()
+        );
+    }
+    lm.logits_with_edit(tokens, batch, seq, hook, &mut |h, rows, d| {
+        h.copy_from_slice(act);
+        edit(h, rows, d)
+    })
 }
 
 /// Every evaluation's first check: the SAE reads activations as wide as the model's.
@@ -316,15 +348,6 @@ impl HookedLm for ToyLm {
     fn capture(&self, tokens: &[u32], batch: usize, seq: usize, hook: &str) -> Result<Vec<f32>> {
         Ok(self.run(tokens, batch, seq, hook, None, false)?.1)
     }
-    fn logits_and_capture(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-        hook: &str,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        self.run(tokens, batch, seq, hook, None, true)
-    }
     fn logits_with_edit(
         &self,
         tokens: &[u32],
@@ -359,17 +382,31 @@ mod tests {
         assert_ne!(a[3 * 8..], b[3 * 8..]);
         assert!(lm.capture(&ids, 1, 4, "blocks.2.hook_resid_post").is_err());
         // An identity edit leaves the logits unchanged; zeroing changes them.
-        let (clean, cap) = lm
-            .logits_and_capture(&ids, 1, 4, "blocks.0.hook_resid_post")
+        let hook = "blocks.0.hook_resid_post";
+        let clean = lm
+            .logits_with_edit(&ids, 1, 4, hook, &mut |_, _, _| {})
             .unwrap();
-        assert_eq!(
-            cap,
-            lm.capture(&ids, 1, 4, "blocks.0.hook_resid_post").unwrap()
-        );
-        let same = lm
-            .logits_with_edit(&ids, 1, 4, "blocks.0.hook_resid_post", &mut |_, _, _| {})
+        // Logits from a known activation: the true one gives the clean logits; a
+        // different one is really substituted.
+        let cap = lm.capture(&ids, 1, 4, hook).unwrap();
+        let from = lm
+            .logits_from_activation(&ids, 1, 4, hook, &cap, &mut |_, _, _| {})
             .unwrap();
-        assert_eq!(clean, same);
+        assert_eq!(clean, from);
+        let halved: Vec<f32> = cap.iter().map(|x| x * 0.5).collect();
+        let from_halved = lm
+            .logits_from_activation(&ids, 1, 4, hook, &halved, &mut |_, _, _| {})
+            .unwrap();
+        let edited = lm
+            .logits_with_edit(&ids, 1, 4, hook, &mut |h, _, _| {
+                h.iter_mut().for_each(|x| *x *= 0.5)
+            })
+            .unwrap();
+        assert_eq!(from_halved, edited);
+        assert_ne!(from_halved, clean);
+        assert!(lm
+            .logits_from_activation(&ids, 1, 4, hook, &cap[1..], &mut |_, _, _| {})
+            .is_err());
         let zero = lm
             .logits_with_edit(&ids, 1, 4, "blocks.0.hook_resid_post", &mut |h, _, _| {
                 h.fill(0.0)

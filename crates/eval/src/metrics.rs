@@ -5,7 +5,7 @@
 //! and computes reconstruction, shrinkage, sparsity and per-latent statistics, pooled
 //! over batches exactly as SAEBench does (including its batch-wise quirks, reported
 //! under SAEBench's names) and conventionally (reported as `*_conventional`).
-//! [`loss_stats`] computes KL and CE from logits in f64 log-softmax;
+//! [`loss_stats`] computes KL and CE from logits in f64 (log-sum-exp per position);
 //! [`weight_metrics`] computes encoder/decoder norms and cosines, the max-cosine pass
 //! blocked through the GEMM so no `F x F` matrix is ever held.
 
@@ -278,13 +278,6 @@ impl LossStats {
     }
 }
 
-/// f64 log-softmax of one row of logits.
-pub fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
-    let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-    row.iter().map(|&v| v as f64 - lse).collect()
-}
-
 /// KL(clean || run) at every position with `mask[b, t]`, and the CE of `run` (the
 /// clean run itself when `run` is None) at positions `t < seq - 1` with `mask[b, t]`
 /// (SAEBench's `mask[:, :-1]`), predicting `tokens[b, t + 1]`. Logits are
@@ -298,6 +291,7 @@ pub fn loss_stats(
     seq: usize,
     vocab: usize,
 ) -> LossStats {
+    use rayon::prelude::*;
     assert_eq!(
         clean.len(),
         batch * seq * vocab,
@@ -305,34 +299,62 @@ pub fn loss_stats(
     );
     assert_eq!(tokens.len(), batch * seq);
     assert_eq!(mask.len(), batch * seq);
-    let mut st = LossStats::default();
-    for b in 0..batch {
-        for t in 0..seq {
-            let pos = b * seq + t;
+    if let Some(r) = run {
+        assert_eq!(
+            r.len(),
+            clean.len(),
+            "run logits are not [batch*seq, vocab]"
+        );
+    }
+    // One position per task (a row of the vocabulary is 49k values); the sum runs in
+    // position order afterwards, so the result does not depend on the thread count.
+    let per_pos: Vec<LossStats> = (0..batch * seq)
+        .into_par_iter()
+        .map(|pos| {
+            let mut st = LossStats::default();
             if !mask[pos] {
-                continue;
+                return st;
             }
-            let lc = log_softmax(&clean[pos * vocab..(pos + 1) * vocab]);
-            let lr = match run {
+            let c = &clean[pos * vocab..(pos + 1) * vocab];
+            let r = run.map(|r| &r[pos * vocab..(pos + 1) * vocab]);
+            let lse_r = match r {
                 Some(r) => {
-                    let lr = log_softmax(&r[pos * vocab..(pos + 1) * vocab]);
-                    st.kl_sum += lc
-                        .iter()
-                        .zip(&lr)
-                        .map(|(p, q)| p.exp() * (p - q))
-                        .sum::<f64>();
+                    // KL(p || q) = sum_i p_i (c_i - r_i) - (lse_c - lse_r), p = softmax(c),
+                    // with lse_c = mc + ln z from the same pass.
+                    let mc = c.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                    let (mut z, mut a) = (0f64, 0f64);
+                    for (&ci, &ri) in c.iter().zip(r) {
+                        let e = (ci as f64 - mc).exp();
+                        z += e;
+                        a += e * (ci as f64 - ri as f64);
+                    }
+                    let lse_r = log_sum_exp(r);
+                    st.kl_sum += a / z - (mc + z.ln() - lse_r);
                     st.kl_n += 1;
-                    lr
+                    lse_r
                 }
-                None => lc,
+                None => log_sum_exp(c),
             };
+            let t = pos % seq;
             if t + 1 < seq {
-                st.ce_sum += -lr[tokens[pos + 1] as usize];
+                let logit = r.unwrap_or(c)[tokens[pos + 1] as usize] as f64;
+                st.ce_sum += lse_r - logit;
                 st.ce_n += 1;
             }
-        }
+            st
+        })
+        .collect();
+    let mut st = LossStats::default();
+    for p in &per_pos {
+        st.add(p);
     }
     st
+}
+
+/// `log(sum(exp(row)))` in f64, stable.
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
 }
 
 /// SAEBench `kl_div_score = (KL_abl - KL_sae) / KL_abl`.
@@ -553,6 +575,27 @@ mod tests {
             v,
         );
         assert!((one.ce() - ce0).abs() < 1e-12);
+        // KL against the textbook sum_i p_i (log p_i - log q_i), position by position.
+        let log_softmax = |row: &[f32]| -> Vec<f64> {
+            let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+            row.iter().map(|&x| x as f64 - lse).collect()
+        };
+        let mut kl_ref = 0.0;
+        for pos in (0..b * s).filter(|&p| mask[p]) {
+            let lp = log_softmax(&clean[pos * v..(pos + 1) * v]);
+            let lq = log_softmax(&abl[pos * v..(pos + 1) * v]);
+            kl_ref += lp
+                .iter()
+                .zip(&lq)
+                .map(|(p, q)| p.exp() * (p - q))
+                .sum::<f64>();
+        }
+        assert!(
+            (a.kl() - kl_ref / 7.0).abs() < 1e-12,
+            "{} vs {}",
+            a.kl(),
+            kl_ref / 7.0
+        );
         // Large logits stay finite in f64.
         let big: Vec<f32> = clean.iter().map(|x| x * 1e4).collect();
         let st = loss_stats(&clean, Some(&big), &tokens, &mask, b, s, v);

@@ -269,6 +269,50 @@ impl Model {
         seq: usize,
         hooks: &mut Hooks,
     ) -> Result<ForwardOutput> {
+        self.run(tokens, batch, seq, None, hooks)
+    }
+
+    /// Resume a forward from the residual stream at `start` (a `hook_resid_pre` or
+    /// `hook_resid_post` point), given as `resid` `[batch*seq, d_model]`, e.g. an
+    /// activation captured earlier. Only the blocks after `start` run, so patching a
+    /// cached activation costs the suffix of the model, not all of it; the result is
+    /// bit-identical to a full [`Model::forward`] whose activation at `start` is
+    /// `resid`. Hooks at `start` itself run on `resid`; hooks before it are an error.
+    /// `tokens` are still needed for their count and positions.
+    pub fn forward_from(
+        &self,
+        start: HookPoint,
+        resid: &[f32],
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        hooks: &mut Hooks,
+    ) -> Result<ForwardOutput> {
+        if !matches!(start.kind, HookKind::ResidPre | HookKind::ResidPost) {
+            bail!("forward_from: {start} is not a residual-stream point (use hook_resid_pre or hook_resid_post)");
+        }
+        start.check(self.config.n_layers)?;
+        if resid.len() != batch * seq * self.config.d_model {
+            bail!(
+                "forward_from: {} residual values given for {batch} x {seq} rows of width {}",
+                resid.len(),
+                self.config.d_model
+            );
+        }
+        if let Some((hp, _)) = hooks.actions.iter().find(|(hp, _)| *hp < start) {
+            bail!("forward_from {start}: hook {hp} lies before the starting point");
+        }
+        self.run(tokens, batch, seq, Some((start, resid)), hooks)
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        start: Option<(HookPoint, &[f32])>,
+        hooks: &mut Hooks,
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         if tokens.len() != batch * seq {
             bail!(
@@ -324,16 +368,36 @@ impl Model {
         };
         ws.ensure(c, rows);
 
-        let mut x = vec![0f32; rows * d];
-        let emb_scale = match c.arch {
-            Arch::Gemma2 => (d as f32).sqrt(),
-            Arch::Llama => 1.0,
+        // The first block to run; a resumed forward starts with its residual at `start`.
+        let (mut x, first) = match start {
+            None => {
+                let mut x = vec![0f32; rows * d];
+                let emb_scale = match c.arch {
+                    Arch::Gemma2 => (d as f32).sqrt(),
+                    Arch::Llama => 1.0,
+                };
+                for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+                    self.weights.embed.row_into(t as usize, row, emb_scale);
+                }
+                (x, 0)
+            }
+            Some((hp, resid)) => {
+                let mut x = resid.to_vec();
+                if hp.kind == HookKind::ResidPost {
+                    // resid_post of L is resid_pre of L + 1: its hooks run here.
+                    hooks.apply(hp, &mut x, rows, d, &mut captured);
+                    if stop == Some((hp.layer, hp.kind)) {
+                        return Ok(ForwardOutput {
+                            captured,
+                            logits: None,
+                        });
+                    }
+                }
+                (x, hp.layer + usize::from(hp.kind == HookKind::ResidPost))
+            }
         };
-        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
-            self.weights.embed.row_into(t as usize, row, emb_scale);
-        }
 
-        for l in 0..c.n_layers {
+        for l in first..c.n_layers {
             let layer = &self.weights.layers[l];
             let at = |k: HookKind| HookPoint::new(l, k);
             hooks.apply(at(HookKind::ResidPre), &mut x, rows, d, &mut captured);

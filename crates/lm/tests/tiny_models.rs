@@ -434,6 +434,74 @@ fn check_hooks(m: &Model) {
         )
         .unwrap();
     assert_ne!(r0.captured[&c], r1.captured[&c]);
+    // Resuming from a captured residual equals the full forward, with and without an
+    // edit at the starting point, from resid_pre and resid_post points alike.
+    let n_layers = m.config().n_layers;
+    for start in [
+        HookPoint::new(0, HookKind::ResidPre),
+        HookPoint::new(1, HookKind::ResidPre),
+        HookPoint::new(1, HookKind::ResidPost),
+        HookPoint::new(n_layers - 1, HookKind::ResidPost),
+    ] {
+        let resid = m
+            .forward(
+                &toks,
+                batch,
+                seq,
+                &mut Hooks::new().capture(start).logits(false),
+            )
+            .unwrap()
+            .captured
+            .remove(&start)
+            .unwrap();
+        let resumed = m
+            .forward_from(start, &resid, &toks, batch, seq, &mut Hooks::new())
+            .unwrap();
+        assert_eq!(resumed.logits.unwrap(), base, "{start}");
+        let halve = |a: &mut [f32], _: usize, _: usize| a.iter_mut().for_each(|x| *x *= 0.5);
+        let full = m
+            .forward(&toks, batch, seq, &mut Hooks::new().replace(start, halve))
+            .unwrap();
+        let resumed = m
+            .forward_from(
+                start,
+                &resid,
+                &toks,
+                batch,
+                seq,
+                &mut Hooks::new().replace(start, halve),
+            )
+            .unwrap();
+        assert_eq!(resumed.logits, full.logits, "{start}");
+        assert_ne!(full.logits.unwrap(), base, "{start}");
+    }
+    // Bad resumes are errors: a non-residual point, a hook before the start, wrong size.
+    let resid = vec![0.5f32; batch * seq * m.config().d_model];
+    let e = |r: anyhow::Result<saelab_lm::ForwardOutput>| r.err().unwrap().to_string();
+    let attn = HookPoint::new(1, HookKind::AttnOut);
+    assert!(
+        e(m.forward_from(attn, &resid, &toks, batch, seq, &mut Hooks::new()))
+            .contains("not a residual-stream point")
+    );
+    let early = HookPoint::new(0, HookKind::MlpOut);
+    assert!(e(m.forward_from(
+        HookPoint::new(1, HookKind::ResidPre),
+        &resid,
+        &toks,
+        batch,
+        seq,
+        &mut Hooks::new().capture(early)
+    ))
+    .contains("before the starting point"));
+    assert!(e(m.forward_from(
+        HookPoint::new(1, HookKind::ResidPre),
+        &resid[1..],
+        &toks,
+        batch,
+        seq,
+        &mut Hooks::new()
+    ))
+    .contains("residual values"));
     // Causality: changing the last token of a row leaves earlier positions unchanged.
     let mut toks2 = toks.clone();
     toks2[seq - 1] = if toks2[seq - 1] == 5 { 6 } else { 5 };
