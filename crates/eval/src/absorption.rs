@@ -296,7 +296,7 @@ fn cached_acts(
 ) -> Result<Vec<f32>> {
     if let Some(a) = cache
         .load(key)
-        .and_then(|b| b.f32("acts").ok().map(|a| a.to_vec()))
+        .and_then(|mut b| b.take_f32("acts").ok())
         .filter(|a| a.len() == n)
     {
         return Ok(a);

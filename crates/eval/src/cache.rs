@@ -29,6 +29,15 @@ impl Blob {
             .map(|(_, v)| v.as_slice())
             .with_context(|| format!("cache entry has no array '{name}'"))
     }
+    /// Move the f32 array `name` out of the blob (no copy).
+    pub fn take_f32(&mut self, name: &str) -> Result<Vec<f32>> {
+        let i = self
+            .f32s
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("cache entry has no array '{name}'"))?;
+        Ok(self.f32s.swap_remove(i).1)
+    }
     pub fn u64(&self, name: &str) -> Result<&[u64]> {
         self.u64s
             .iter()
@@ -118,19 +127,37 @@ pub fn write_blob(path: &Path, key: &str, blob: &Blob) -> Result<()> {
 }
 
 pub fn read_blob(path: &Path, key: &str) -> Result<Blob> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.len() < MAGIC.len() + 8 || &bytes[..MAGIC.len()] != MAGIC {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let total = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len() as usize;
+    let mut r = std::io::BufReader::new(file);
+    // Arrays are read straight into their vectors: a 200 MB entry costs one copy from
+    // the page cache, not three.
+    let mut read = |buf: &mut [u8], what: &str| {
+        r.read_exact(buf)
+            .with_context(|| format!("{}: truncated {what}", path.display()))
+    };
+    let mut head = [0u8; MAGIC.len() + 8];
+    if total < head.len() {
         bail!("{}: not a saelab eval cache file", path.display());
     }
-    let mut p = MAGIC.len();
-    let hl = u64::from_le_bytes(bytes[p..p + 8].try_into().unwrap()) as usize;
-    p += 8;
-    if bytes.len() < p + hl {
+    read(&mut head, "header")?;
+    if &head[..MAGIC.len()] != MAGIC {
+        bail!("{}: not a saelab eval cache file", path.display());
+    }
+    let hl = u64::from_le_bytes(head[MAGIC.len()..].try_into().unwrap()) as usize;
+    let mut p = head.len() + hl;
+    if total < p {
         bail!("{}: truncated header", path.display());
     }
-    let header: serde_json::Value = serde_json::from_slice(&bytes[p..p + hl])
+    let mut hbytes = vec![0u8; hl];
+    read(&mut hbytes, "header")?;
+    let header: serde_json::Value = serde_json::from_slice(&hbytes)
         .with_context(|| format!("{}: bad header", path.display()))?;
-    p += hl;
     if header["key"].as_str() != Some(key) {
         bail!("{}: cache key differs (hash collision)", path.display());
     }
@@ -146,33 +173,43 @@ pub fn read_blob(path: &Path, key: &str) -> Result<Blob> {
         let name = a["name"].as_str().unwrap_or("").to_string();
         let len = a["len"].as_u64().unwrap_or(0) as usize;
         let size = if a["dtype"] == "f32" { 4 } else { 8 };
-        if bytes.len() < p + len * size {
+        if total < p + len * size {
             bail!("{}: truncated array '{name}'", path.display());
         }
-        let chunk = &bytes[p..p + len * size];
         p += len * size;
         if size == 4 {
-            blob.f32s.push((
-                name,
-                chunk
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ));
+            let mut v = vec![0f32; len];
+            read(bytemuck_f32(&mut v), "array")?;
+            v.iter_mut()
+                .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+            blob.f32s.push((name, v));
         } else {
-            blob.u64s.push((
-                name,
-                chunk
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ));
+            let mut v = vec![0u64; len];
+            read(bytemuck_u64(&mut v), "array")?;
+            v.iter_mut().for_each(|x| *x = u64::from_le(*x));
+            blob.u64s.push((name, v));
         }
     }
-    if p != bytes.len() {
-        bail!("{}: {} trailing bytes", path.display(), bytes.len() - p);
+    if p != total {
+        bail!(
+            "{}: {} trailing bytes",
+            path.display(),
+            total as isize - p as isize
+        );
     }
     Ok(blob)
+}
+
+/// The bytes of an f32 slice (plain old data; every bit pattern is a valid f32).
+fn bytemuck_f32(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: f32 has no padding and no invalid bit patterns; the length is in bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) }
+}
+
+/// The bytes of a u64 slice.
+fn bytemuck_u64(v: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 has no padding and no invalid bit patterns; the length is in bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 8) }
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub fn run_core(
     let act_key = format!("{base_key}|acts|n={n_acts}");
     let acts: Vec<f32> = match cache
         .load(&act_key)
-        .and_then(|bl| bl.f32("acts").ok().map(|a| a.to_vec()))
+        .and_then(|mut bl| bl.take_f32("acts").ok())
     {
         Some(a) if a.len() == n_acts * b * s * d => a,
         _ => {

@@ -219,10 +219,10 @@ impl DocActs {
         }
     }
 
-    fn from_blob(b: &Blob) -> Result<Self> {
+    fn from_blob(mut b: Blob) -> Result<Self> {
         let d = b.meta["d"].as_u64().context("cache entry without d")? as usize;
         let offsets: Vec<usize> = b.u64("offsets")?.iter().map(|&o| o as usize).collect();
-        let acts = b.f32("acts")?.to_vec();
+        let acts = b.take_f32("acts")?;
         if offsets.is_empty() || acts.len() != offsets.last().unwrap() * d {
             bail!("cache entry with inconsistent shapes");
         }
@@ -254,7 +254,7 @@ pub fn collect_doc_acts(
     key: &str,
 ) -> Result<DocActs> {
     if let Some(b) = cache.load(key) {
-        if let Ok(a) = DocActs::from_blob(&b) {
+        if let Ok(a) = DocActs::from_blob(b) {
             if a.n_docs() == texts.len() && a.d == lm.d_model() {
                 tracing::info!("eval cache hit: {key}");
                 return Ok(a);
@@ -356,32 +356,53 @@ pub fn pool_sae(a: &DocActs, sae: &Sae) -> Result<SparseCodes> {
             a.d
         );
     }
-    let f = sae.d_sae;
+    // Documents are short (tens of tokens): encode groups of consecutive documents
+    // (contiguous rows) at once, so the encoder GEMM sees thousands of rows per call
+    // instead of repacking its weights for every document.
+    Ok(pool_sae_grouped(a, sae, 4096))
+}
+
+/// [`pool_sae`] encoding groups of whole documents of at least `group_rows` rows.
+fn pool_sae_grouped(a: &DocActs, sae: &Sae, group_rows: usize) -> SparseCodes {
+    let (f, d) = (sae.d_sae, a.d);
     let mut out = SparseCodes::with_capacity(a.n_docs(), f, 0);
     let mut acc = vec![0f64; f];
     let mut touched: Vec<u32> = Vec::new();
-    for i in 0..a.n_docs() {
-        let rows = a.offsets[i + 1] - a.offsets[i];
-        let codes = sae.encode(a.doc(i), rows);
-        for (&j, &v) in codes.idx.iter().zip(&codes.val) {
-            if acc[j as usize] == 0.0 {
-                touched.push(j);
+    let mut first = 0;
+    while first < a.n_docs() {
+        let mut end = first + 1;
+        while end < a.n_docs() && a.offsets[end] - a.offsets[first] < group_rows {
+            end += 1;
+        }
+        let (r0, r1) = (a.offsets[first], a.offsets[end]);
+        let codes = sae.encode(&a.acts[r0 * d..r1 * d], r1 - r0);
+        for i in first..end {
+            let rows = a.offsets[i + 1] - a.offsets[i];
+            let (c0, c1) = (
+                codes.offsets[a.offsets[i] - r0],
+                codes.offsets[a.offsets[i + 1] - r0],
+            );
+            for (&j, &v) in codes.idx[c0..c1].iter().zip(&codes.val[c0..c1]) {
+                if acc[j as usize] == 0.0 {
+                    touched.push(j);
+                }
+                acc[j as usize] += v as f64;
             }
-            acc[j as usize] += v as f64;
+            touched.sort_unstable();
+            out.push_row(
+                touched
+                    .iter()
+                    .map(|&j| (j, (acc[j as usize] / rows as f64) as f32))
+                    .filter(|e| e.1 != 0.0),
+            );
+            for &j in &touched {
+                acc[j as usize] = 0.0;
+            }
+            touched.clear();
         }
-        touched.sort_unstable();
-        out.push_row(
-            touched
-                .iter()
-                .map(|&j| (j, (acc[j as usize] / rows as f64) as f32))
-                .filter(|e| e.1 != 0.0),
-        );
-        for &j in &touched {
-            acc[j as usize] = 0.0;
-        }
-        touched.clear();
+        first = end;
     }
-    Ok(out)
+    out
 }
 
 /// Pooled activations with latents `ablate` removed: `x - sum_{j in A} f_j W_dec[j]`,
@@ -498,6 +519,33 @@ mod tests {
         let sae = random_sae(6, 10, 4);
         let px = pool_llm(&a);
         let pf = pool_sae(&a, &sae).unwrap();
+        // Encoding documents in groups pools the same as one document at a time.
+        for group in [1, 3, 5] {
+            let g = pool_sae_grouped(&a, &sae, group);
+            assert_eq!(g.offsets, pf.offsets, "group {group}");
+            assert_eq!(g.idx, pf.idx, "group {group}");
+            for (x, y) in g.val.iter().zip(&pf.val) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "group {group}");
+            }
+        }
+        for i in 0..3 {
+            let rows = a.offsets[i + 1] - a.offsets[i];
+            let dense = sae.encode(a.doc(i), rows).to_dense();
+            let (idx, val) = pf.row(i);
+            let mut want = [0f32; 10];
+            for r in 0..rows {
+                for j in 0..10 {
+                    want[j] += dense[r * 10 + j] / rows as f32;
+                }
+            }
+            let mut got = [0f32; 10];
+            for (&j, &v) in idx.iter().zip(val) {
+                got[j as usize] = v;
+            }
+            for j in 0..10 {
+                assert!((got[j] - want[j]).abs() < 1e-5, "doc {i} latent {j}");
+            }
+        }
         // Pooled ablation equals the per-token ablation, then pooled.
         let ablate = vec![1usize, 4, 7];
         let fast = pool_ablated(&px, &pf, &sae, &ablate);

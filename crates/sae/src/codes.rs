@@ -40,6 +40,17 @@ impl SparseCodes {
         self.rows += 1;
     }
 
+    /// Append all rows of `other` (same `d_sae`) after this one's.
+    pub fn append(&mut self, other: &SparseCodes) {
+        assert_eq!(self.d_sae, other.d_sae, "append: different d_sae");
+        let base = self.idx.len();
+        self.idx.extend_from_slice(&other.idx);
+        self.val.extend_from_slice(&other.val);
+        self.offsets
+            .extend(other.offsets[1..].iter().map(|&o| o + base));
+        self.rows += other.rows;
+    }
+
     /// Build from a dense row-major [rows, d_sae] matrix, keeping non-zeros.
     pub fn from_dense(dense: &[f32], rows: usize, d_sae: usize) -> Self {
         assert_eq!(dense.len(), rows * d_sae);

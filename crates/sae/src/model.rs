@@ -89,12 +89,30 @@ impl Sae {
         pre
     }
 
-    /// Sparse codes of a batch [rows, d_in].
+    /// Sparse codes of a batch [rows, d_in]. Indices within a row are ascending.
     pub fn encode(&self, x: &[f32], rows: usize) -> SparseCodes {
+        use rayon::prelude::*;
         let f = self.d_sae;
         let pre = self.pre_activations(x, rows);
+        // Selection is per row: blocks of rows in parallel, joined in order.
+        const BLOCK: usize = 64;
+        let parts: Vec<SparseCodes> = pre
+            .par_chunks(BLOCK * f)
+            .map(|p| self.select_rows(p, p.len() / f))
+            .collect();
+        let mut codes = SparseCodes::with_capacity(rows, f, rows * self.k.max(1));
+        for p in &parts {
+            codes.append(p);
+        }
+        codes
+    }
+
+    /// The active latents of `rows` rows of pre-activations `pre` [rows, d_sae].
+    fn select_rows(&self, pre: &[f32], rows: usize) -> SparseCodes {
+        let f = self.d_sae;
         let mut codes = SparseCodes::with_capacity(rows, f, rows * self.k.max(1));
         let mut scratch: Vec<(u32, f32)> = Vec::with_capacity(f);
+        let mut topk_buf: Vec<(f32, u32)> = Vec::new();
         for r in 0..rows {
             let p = &pre[r * f..(r + 1) * f];
             scratch.clear();
@@ -118,13 +136,9 @@ impl Sae {
                     )
                 }
                 InferenceArch::Topk => {
-                    scratch.extend(p.iter().enumerate().map(|(i, v)| (i as u32, *v)));
-                    let k = self.k.min(f);
-                    if k < scratch.len() {
-                        scratch.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-                        scratch.truncate(k);
-                    }
-                    scratch.retain(|e| e.1 > 0.0);
+                    // The trainer's blocked selection: the k largest positive entries.
+                    crate::kernels::topk_select(p, self.k.min(f), 0.0, &mut topk_buf);
+                    scratch.extend(topk_buf.iter().map(|&(v, i)| (i, v)));
                 }
                 InferenceArch::Gated => {
                     // p holds the gate pre-activations; magnitudes reuse the same matmul
@@ -152,9 +166,10 @@ impl Sae {
 
     /// Reconstruction `codes W_dec + b_dec`, [rows, d_in], touching only active rows.
     pub fn decode(&self, codes: &SparseCodes) -> Vec<f32> {
+        use rayon::prelude::*;
         let d = self.d_in;
         let mut out = vec![0f32; codes.rows * d];
-        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+        out.par_chunks_exact_mut(d).enumerate().for_each(|(r, o)| {
             o.copy_from_slice(&self.b_dec);
             let (idx, val) = codes.row(r);
             for (&i, &v) in idx.iter().zip(val) {
@@ -163,7 +178,7 @@ impl Sae {
                     *a += v * b;
                 }
             }
-        }
+        });
         out
     }
 
@@ -172,5 +187,141 @@ impl Sae {
         let c = self.encode(x, rows);
         let y = self.decode(&c);
         (c, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saelab_core::rng::Rng;
+
+    fn random_sae(arch: InferenceArch, d: usize, f: usize, k: usize, seed: u64) -> Sae {
+        let mut r = Rng::new(seed);
+        let mut v = |n: usize, s: f32| {
+            let mut x = vec![0f32; n];
+            r.fill_normal(&mut x, s);
+            x
+        };
+        Sae {
+            arch,
+            d_in: d,
+            d_sae: f,
+            k,
+            apply_b_dec_to_input: true,
+            w_enc: v(d * f, 0.5),
+            b_enc: v(f, 0.3),
+            w_dec: v(f * d, 0.5),
+            b_dec: v(d, 0.2),
+            threshold: (arch == InferenceArch::Jumprelu).then(|| v(f, 0.5)),
+            b_gate: (arch == InferenceArch::Gated).then(|| v(f, 0.3)),
+            r_mag: (arch == InferenceArch::Gated).then(|| v(f, 0.2)),
+            b_mag: (arch == InferenceArch::Gated).then(|| v(f, 0.3)),
+            metadata: SaeMetadata::default(),
+        }
+    }
+
+    /// Dense reference of the activation rule, straight from the definitions.
+    fn dense_codes(sae: &Sae, x: &[f32], rows: usize) -> Vec<f32> {
+        let (d, f) = (sae.d_in, sae.d_sae);
+        let mut out = vec![0f32; rows * f];
+        for r in 0..rows {
+            let pre: Vec<f32> = (0..f)
+                .map(|j| {
+                    let mut s = 0f64;
+                    for i in 0..d {
+                        s += (x[r * d + i] - sae.b_dec[i]) as f64 * sae.w_enc[i * f + j] as f64;
+                    }
+                    s as f32
+                })
+                .collect();
+            let o = &mut out[r * f..(r + 1) * f];
+            match sae.arch {
+                InferenceArch::Standard => {
+                    for j in 0..f {
+                        o[j] = (pre[j] + sae.b_enc[j]).max(0.0);
+                    }
+                }
+                InferenceArch::Jumprelu => {
+                    let th = sae.threshold.as_ref().unwrap();
+                    for j in 0..f {
+                        let p = pre[j] + sae.b_enc[j];
+                        o[j] = if p > th[j] && p > 0.0 { p } else { 0.0 };
+                    }
+                }
+                InferenceArch::Topk => {
+                    let mut order: Vec<usize> = (0..f).collect();
+                    let p: Vec<f32> = (0..f).map(|j| pre[j] + sae.b_enc[j]).collect();
+                    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+                    for &j in &order[..sae.k] {
+                        o[j] = p[j].max(0.0);
+                    }
+                }
+                InferenceArch::Gated => {
+                    let (bg, rm, bm) = (
+                        sae.b_gate.as_ref().unwrap(),
+                        sae.r_mag.as_ref().unwrap(),
+                        sae.b_mag.as_ref().unwrap(),
+                    );
+                    for j in 0..f {
+                        let mag = pre[j] * rm[j].exp() + bm[j];
+                        o[j] = if pre[j] + bg[j] > 0.0 {
+                            mag.max(0.0)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn encode_and_decode_match_dense_reference_across_row_blocks() {
+        // 150 rows span three of encode's parallel row blocks.
+        let (d, f, rows) = (12, 40, 150);
+        for (n, arch) in [
+            InferenceArch::Standard,
+            InferenceArch::Topk,
+            InferenceArch::Jumprelu,
+            InferenceArch::Gated,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let sae = random_sae(arch, d, f, 5, 10 + n as u64);
+            let mut x = vec![0f32; rows * d];
+            Rng::new(99).fill_normal(&mut x, 1.0);
+            let codes = sae.encode(&x, rows);
+            assert_eq!(codes.rows, rows);
+            let got = codes.to_dense();
+            let want = dense_codes(&sae, &x, rows);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{arch:?} {i}: {g} vs {w}"
+                );
+            }
+            assert!(codes.nnz() > 0 && codes.nnz() < rows * f, "{arch:?}");
+            for r in 0..rows {
+                let (idx, _) = codes.row(r);
+                assert!(
+                    idx.windows(2).all(|w| w[0] < w[1]),
+                    "{arch:?}: row {r} unsorted"
+                );
+            }
+            // decode = dense codes times W_dec plus b_dec.
+            let y = sae.decode(&codes);
+            for r in 0..rows {
+                for i in 0..d {
+                    let mut s = sae.b_dec[i] as f64;
+                    for j in 0..f {
+                        s += got[r * f + j] as f64 * sae.w_dec[j * d + i] as f64;
+                    }
+                    let v = y[r * d + i];
+                    assert!((v as f64 - s).abs() < 1e-3 * (1.0 + s.abs()), "{arch:?}");
+                }
+            }
+        }
     }
 }
