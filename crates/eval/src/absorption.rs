@@ -717,77 +717,88 @@ pub fn run_absorption(
         .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
         .collect();
 
+    // Letters are independent: evaluated in parallel, gathered in letter order.
+    use rayon::prelude::*;
+    let per_letter: Vec<Option<(J, f64, f64, usize)>> = letters
+        .par_iter()
+        .map(|&l| -> Result<Option<(J, f64, f64, usize)>> {
+            let o = keep
+                .iter()
+                .position(|&k| k == l)
+                .expect("evaluated letters have training words");
+            let row: Vec<f64> = sparse.row(o).iter().map(|v| *v as f64).collect();
+            let ranked = top_k_indices(&row, cfg.max_k_value);
+            let y_tr: Vec<bool> = l_train.iter().map(|&t| t == l).collect();
+            let y_te: Vec<bool> = l_test.iter().map(|&t| t == l).collect();
+            let mut f1s = Vec::new();
+            for k in 1..=ranked.len() {
+                let m = fit_logreg_l2(
+                    &Design::Sparse(&c_train),
+                    &y_tr,
+                    Some(&ranked[..k]),
+                    &LogRegConfig::default(),
+                )
+                .with_context(|| {
+                    format!(
+                        "k-sparse probe for letter {} with k = {k}",
+                        (b'a' + l as u8) as char
+                    )
+                })?;
+                f1s.push(f1_score(&m.predict(&Design::Sparse(&c_test)), &y_te));
+            }
+            let n_split = feature_split(&f1s, cfg.f1_jump_threshold);
+            let split = &ranked[..n_split];
+            // Unit probe direction and its cosine with every decoder row.
+            let w = gt.row(l);
+            let wn = w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let u: Vec<f64> = w.iter().map(|v| *v as f64 / wn).collect();
+            let cos: Vec<f64> = (0..sae.d_sae)
+                .map(|f| {
+                    let r = &sae.w_dec[f * d..(f + 1) * d];
+                    r.iter().zip(&u).map(|(a, b)| *a as f64 * b).sum::<f64>()
+                        / dec_norm[f].max(1e-30)
+                })
+                .collect();
+            let (mut sum_frac, mut n_full, mut n_tp) = (0f64, 0usize, 0usize);
+            for i in 0..n_test {
+                if l_test[i] != l || gt_logits[i * 26 + l] <= 0.0 {
+                    continue;
+                }
+                n_tp += 1;
+                let wa =
+                    word_absorption(&x_test[i * d..(i + 1) * d], c_test.row(i), &u, &cos, split);
+                sum_frac += wa.absorption_fraction;
+                n_full += wa.full_absorption as usize;
+            }
+            let letter = ((b'a' + l as u8) as char).to_string();
+            if n_tp == 0 {
+                return Ok(None);
+            }
+            let (mf, fr) = (sum_frac / n_tp as f64, n_full as f64 / n_tp as f64);
+            let detail = J::obj(vec![
+                ("first_letter", J::str(letter)),
+                ("mean_absorption_fraction", J::Num(mf)),
+                ("full_absorption_rate", J::Num(fr)),
+                ("num_full_absorption", J::Int(n_full as i64)),
+                ("num_probe_true_positives", J::Int(n_tp as i64)),
+                ("num_split_features", J::Int(n_split as i64)),
+                (
+                    "split_feature_ids",
+                    J::Arr(split.iter().map(|&f| J::Int(f as i64)).collect()),
+                ),
+                ("ground_truth_probe_f1", J::Num(gt_f1[l])),
+                ("k_sparse_f1", J::nums(&f1s)),
+            ]);
+            Ok(Some((detail, mf, fr, n_split)))
+        })
+        .collect::<Result<_>>()?;
     let mut details = Vec::new();
     let (mut fracs, mut fulls, mut nsplits) = (Vec::new(), Vec::new(), Vec::new());
-    for &l in &letters {
-        let o = keep
-            .iter()
-            .position(|&k| k == l)
-            .expect("evaluated letters have training words");
-        let row: Vec<f64> = sparse.row(o).iter().map(|v| *v as f64).collect();
-        let ranked = top_k_indices(&row, cfg.max_k_value);
-        let y_tr: Vec<bool> = l_train.iter().map(|&t| t == l).collect();
-        let y_te: Vec<bool> = l_test.iter().map(|&t| t == l).collect();
-        let mut f1s = Vec::new();
-        for k in 1..=ranked.len() {
-            let m = fit_logreg_l2(
-                &Design::Sparse(&c_train),
-                &y_tr,
-                Some(&ranked[..k]),
-                &LogRegConfig::default(),
-            )
-            .with_context(|| {
-                format!(
-                    "k-sparse probe for letter {} with k = {k}",
-                    (b'a' + l as u8) as char
-                )
-            })?;
-            f1s.push(f1_score(&m.predict(&Design::Sparse(&c_test)), &y_te));
-        }
-        let n_split = feature_split(&f1s, cfg.f1_jump_threshold);
-        let split = &ranked[..n_split];
-        // Unit probe direction and its cosine with every decoder row.
-        let w = gt.row(l);
-        let wn = w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-        let u: Vec<f64> = w.iter().map(|v| *v as f64 / wn).collect();
-        let cos: Vec<f64> = (0..sae.d_sae)
-            .map(|f| {
-                let r = &sae.w_dec[f * d..(f + 1) * d];
-                r.iter().zip(&u).map(|(a, b)| *a as f64 * b).sum::<f64>() / dec_norm[f].max(1e-30)
-            })
-            .collect();
-        let (mut sum_frac, mut n_full, mut n_tp) = (0f64, 0usize, 0usize);
-        for i in 0..n_test {
-            if l_test[i] != l || gt_logits[i * 26 + l] <= 0.0 {
-                continue;
-            }
-            n_tp += 1;
-            let wa = word_absorption(&x_test[i * d..(i + 1) * d], c_test.row(i), &u, &cos, split);
-            sum_frac += wa.absorption_fraction;
-            n_full += wa.full_absorption as usize;
-        }
-        let letter = ((b'a' + l as u8) as char).to_string();
-        if n_tp == 0 {
-            continue;
-        }
-        let (mf, fr) = (sum_frac / n_tp as f64, n_full as f64 / n_tp as f64);
+    for (detail, mf, fr, n_split) in per_letter.into_iter().flatten() {
+        details.push(detail);
         fracs.push(mf);
         fulls.push(fr);
         nsplits.push(n_split as f64);
-        details.push(J::obj(vec![
-            ("first_letter", J::str(letter)),
-            ("mean_absorption_fraction", J::Num(mf)),
-            ("full_absorption_rate", J::Num(fr)),
-            ("num_full_absorption", J::Int(n_full as i64)),
-            ("num_probe_true_positives", J::Int(n_tp as i64)),
-            ("num_split_features", J::Int(n_split as i64)),
-            (
-                "split_feature_ids",
-                J::Arr(split.iter().map(|&f| J::Int(f as i64)).collect()),
-            ),
-            ("ground_truth_probe_f1", J::Num(gt_f1[l])),
-            ("k_sparse_f1", J::nums(&f1s)),
-        ]));
     }
     if fracs.len() < cfg.min_feats_for_eval {
         return Ok(no_result(
