@@ -480,7 +480,7 @@ pub(crate) fn metadata_of(bytes: &[u8], file: &Path) -> Result<HashMap<String, S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use saelab_core::rng::Rng;
 
@@ -526,15 +526,7 @@ mod tests {
 
     #[test]
     fn saelens_roundtrip_every_architecture() {
-        for (i, arch) in [
-            InferenceArch::Standard,
-            InferenceArch::Topk,
-            InferenceArch::Jumprelu,
-            InferenceArch::Gated,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, arch) in InferenceArch::ALL.into_iter().enumerate() {
             let sae = random_sae(arch, 6, 10, i as u64);
             let dir = tmp(&format!("rt{i}"));
             let sp: Vec<f32> = (0..10).map(|v| -(v as f32)).collect();

@@ -22,6 +22,15 @@ pub enum InferenceArch {
     Gated,
 }
 
+impl InferenceArch {
+    pub const ALL: [InferenceArch; 4] = [
+        InferenceArch::Standard,
+        InferenceArch::Topk,
+        InferenceArch::Jumprelu,
+        InferenceArch::Gated,
+    ];
+}
+
 /// Where the SAE was trained (SAELens `metadata`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -193,32 +202,8 @@ impl Sae {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::tests::random_sae;
     use saelab_core::rng::Rng;
-
-    fn random_sae(arch: InferenceArch, d: usize, f: usize, k: usize, seed: u64) -> Sae {
-        let mut r = Rng::new(seed);
-        let mut v = |n: usize, s: f32| {
-            let mut x = vec![0f32; n];
-            r.fill_normal(&mut x, s);
-            x
-        };
-        Sae {
-            arch,
-            d_in: d,
-            d_sae: f,
-            k,
-            apply_b_dec_to_input: true,
-            w_enc: v(d * f, 0.5),
-            b_enc: v(f, 0.3),
-            w_dec: v(f * d, 0.5),
-            b_dec: v(d, 0.2),
-            threshold: (arch == InferenceArch::Jumprelu).then(|| v(f, 0.5)),
-            b_gate: (arch == InferenceArch::Gated).then(|| v(f, 0.3)),
-            r_mag: (arch == InferenceArch::Gated).then(|| v(f, 0.2)),
-            b_mag: (arch == InferenceArch::Gated).then(|| v(f, 0.3)),
-            metadata: SaeMetadata::default(),
-        }
-    }
 
     /// Dense reference of the activation rule, straight from the definitions.
     fn dense_codes(sae: &Sae, x: &[f32], rows: usize) -> Vec<f32> {
@@ -280,16 +265,8 @@ mod tests {
     fn encode_and_decode_match_dense_reference_across_row_blocks() {
         // 150 rows span three of encode's parallel row blocks.
         let (d, f, rows) = (12, 40, 150);
-        for (n, arch) in [
-            InferenceArch::Standard,
-            InferenceArch::Topk,
-            InferenceArch::Jumprelu,
-            InferenceArch::Gated,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let sae = random_sae(arch, d, f, 5, 10 + n as u64);
+        for (n, arch) in InferenceArch::ALL.into_iter().enumerate() {
+            let sae = random_sae(arch, d, f, 10 + n as u64);
             let mut x = vec![0f32; rows * d];
             Rng::new(99).fill_normal(&mut x, 1.0);
             let codes = sae.encode(&x, rows);
