@@ -1035,6 +1035,45 @@ impl Regularizer for SelfCorrecting {
 mod tests {
     use super::*;
 
+    /// A step of a 10-step run whose reconstruction equals its input (the penalty
+    /// tests need only the codes and the decoder).
+    fn step_ctx<'a>(
+        step: usize,
+        d_in: usize,
+        d_sae: usize,
+        x: &'a [f32],
+        w_dec: &'a [f32],
+    ) -> StepContext<'a> {
+        StepContext {
+            step,
+            total_steps: 10,
+            d_in,
+            d_sae,
+            x,
+            x_hat: x,
+            w_dec,
+            pre_active: None,
+        }
+    }
+
+    /// One penalty call with fresh gradient buffers.
+    fn penalty_step(
+        sc: &mut SelfCorrecting,
+        ctx: &StepContext,
+        codes: &SparseCodes,
+    ) -> (PenaltyOut, DecoderRowGrads) {
+        let mut gd = DecoderRowGrads::default();
+        let out = sc
+            .penalty(ctx, codes, &mut vec![0.0; codes.nnz()], &mut gd)
+            .unwrap();
+        (out, gd)
+    }
+
+    /// The value of the metric `name`, if logged.
+    fn metric(out: &PenaltyOut, name: &str) -> Option<f64> {
+        out.metrics.iter().find(|(n, _)| n == name).map(|m| m.1)
+    }
+
     #[test]
     fn dense_batches_use_a_strided_row_sample_within_the_budget() {
         use crate::methods::pairs::{pair_events, row_sample};
@@ -1069,30 +1108,14 @@ mod tests {
         let mut w = vec![0f32; f * d_in];
         rng.fill_normal(&mut w, 1.0);
         let x = vec![0f32; rows * d_in];
-        let ctx = StepContext {
-            step: 1,
-            total_steps: 10,
-            d_in,
-            d_sae: f,
-            x: &x,
-            x_hat: &x,
-            w_dec: &w,
-            pre_active: None,
-        };
+        let ctx = step_ctx(1, d_in, f, &x, &w);
         let stride_of = |budget: u64| {
             let mut cfg = SelfCorrectingConfig::default();
             cfg.penalty.max_pair_events = budget;
             cfg.profile_every = 0;
             let resets = Arc::new(Mutex::new(Vec::new()));
             let mut sc = SelfCorrecting::new(cfg, f, 2, resets).unwrap();
-            let mut gd = DecoderRowGrads::default();
-            let out = sc
-                .penalty(&ctx, &c, &mut vec![0.0; c.nnz()], &mut gd)
-                .unwrap();
-            out.metrics
-                .iter()
-                .find(|(n, _)| n == "sc_pair_row_stride")
-                .map(|m| m.1)
+            metric(&penalty_step(&mut sc, &ctx, &c).0, "sc_pair_row_stride")
         };
         assert_eq!(stride_of(ev / 4), Some(ev.div_ceil(ev / 4) as f64));
         assert_eq!(stride_of(ev), None);
@@ -1310,26 +1333,11 @@ mod tests {
                 row.push((3 + (t % 8) as u32, 1.0));
                 codes.push_row(row);
             }
-            let ctx = StepContext {
-                step,
-                total_steps: 10,
-                d_in,
-                d_sae: f,
-                x: &x,
-                x_hat: &x,
-                w_dec: &w,
-                pre_active: None,
-            };
-            let mut gd = DecoderRowGrads::default();
-            let out = sc
-                .penalty(&ctx, &codes, &mut vec![0.0; codes.nnz()], &mut gd)
-                .unwrap();
+            let ctx = step_ctx(step, d_in, f, &x, &w);
+            let (out, gd) = penalty_step(&mut sc, &ctx, &codes);
             assert!(out.loss > 0.0 && !gd.latents.is_empty());
             if step == 5 {
-                assert!(out
-                    .metrics
-                    .iter()
-                    .any(|(n, _)| n == "sc_decoder_stable_rank"));
+                assert!(metric(&out, "sc_decoder_stable_rank").is_some());
             }
             all_picked.extend(sc.after_step(&ctx, &codes).unwrap());
         }
@@ -1373,29 +1381,12 @@ mod tests {
             codes.push_row(vec![(0u32, 1.0f32), (1, 0.5 + rng.f32()), (2, 0.3)]);
         }
         let x = vec![0f32; b * d_in];
-        let ctx = StepContext {
-            step: 1,
-            total_steps: 10,
-            d_in,
-            d_sae: f,
-            x: &x,
-            x_hat: &x,
-            w_dec: &w,
-            pre_active: None,
-        };
-        let mut gd = DecoderRowGrads::default();
-        let out = sc
-            .penalty(&ctx, &codes, &mut vec![0.0; codes.nnz()], &mut gd)
-            .unwrap();
+        let ctx = step_ctx(1, d_in, f, &x, &w);
+        let (out, gd) = penalty_step(&mut sc, &ctx, &codes);
         assert_eq!(out.loss, 0.0);
         assert!(gd.latents.is_empty());
         assert!(sc.ema.entries() > 0);
-        let mass = out
-            .metrics
-            .iter()
-            .find(|(n, _)| n == "sc_interference_mass")
-            .unwrap()
-            .1;
+        let mass = metric(&out, "sc_interference_mass").unwrap();
         assert!(mass > 0.0);
     }
 }
