@@ -541,7 +541,15 @@ def run_saelab(train_store, out_dir, a, steps, standard):
         "hist_every=0",
     ]
     if standard:
-        sets += ['architecture="standard"', f"l1_coeff={a.l1_coeff}", f"l1_warmup_steps={a.l1_warmup}", "lr=0.001"]
+        # dictionary_learning's AutoEncoder starts b_dec at zero (saelab's default is the
+        # geometric median of the first batch, as for TopK): match it.
+        sets += [
+            'architecture="standard"',
+            f"l1_coeff={a.l1_coeff}",
+            f"l1_warmup_steps={a.l1_warmup}",
+            "lr=0.001",
+            'b_dec_init="zeros"',
+        ]
     else:
         sets += ['architecture="topk"', f"k={a.k}", f"lr={topk_lr(a.d_sae)}"]
     cmd = [a.saelab, "train", "--store", train_store, "--out", out_dir, "--overwrite"]

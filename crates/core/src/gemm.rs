@@ -138,6 +138,72 @@ pub fn gemm_serial(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
     gemm_dispatch(m, n, k, alpha, a, b, beta, c, 1);
 }
 
+pub use driver::Tile;
+
+/// `A * B` (A m x k, B k x n) consumed tile by tile instead of stored: the product is
+/// cut into the same independent tasks as [`gemm`] (column ranges when `m <= n`); each
+/// task starts from `init(rows, cols)` of its block and gets `tile(state, tile)` for
+/// every finished block of rows x columns, while it is still in cache. Returns the task
+/// states in task order. The tiles' values are bit-identical to `gemm`'s `A * B`.
+///
+/// This is how a TopK encoder selects its k largest pre-activations without writing the
+/// `[B, F]` pre-activation matrix to memory and reading it back.
+pub fn gemm_tiles<S: Send>(
+    a: MatRef,
+    b: MatRef,
+    init: &(dyn Fn(std::ops::Range<usize>, std::ops::Range<usize>) -> S + Sync),
+    tile: &(dyn Fn(&mut S, &Tile) + Sync),
+) -> Vec<S> {
+    assert_eq!(a.cols, b.rows, "gemm_tiles: inner dimensions differ");
+    a.check();
+    b.check();
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    if k == 0 {
+        // An empty sum: zero tiles, one task.
+        let zeros = vec![0f32; m * n];
+        let mut s = init(0..m, 0..n);
+        tile(
+            &mut s,
+            &Tile {
+                row0: 0,
+                col0: 0,
+                rows: m,
+                cols: n,
+                stride: n,
+                data: &zeros,
+            },
+        );
+        return vec![s];
+    }
+    let threads = threads_for(m, n, k);
+    let av = driver::View {
+        ptr: a.data.as_ptr(),
+        rs: a.rs,
+        cs: a.cs,
+    };
+    let bv = driver::View {
+        ptr: b.data.as_ptr(),
+        rs: b.rs,
+        cs: b.cs,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: shapes and bounds were checked above; the tiles are private buffers.
+        return unsafe {
+            driver::gemm_tiles_blocked::<avx512::Avx512Main, S>(
+                m, n, k, av, bv, threads, init, tile,
+            )
+        };
+    }
+    // SAFETY: as above.
+    unsafe {
+        driver::gemm_tiles_blocked::<portable::Portable, S>(m, n, k, av, bv, threads, init, tile)
+    }
+}
+
 /// Products with fewer than this many multiply-adds (`m * n * k`) run single-threaded in
 /// [`gemm`]: below ~2 M FMAs (about 15 us on one core) a rayon fork/join costs more than
 /// the second core saves, and the small per-head attention GEMMs land here.
@@ -874,5 +940,71 @@ mod tests {
             },
         );
         assert_eq!(c1, c2);
+    }
+
+    /// `gemm_tiles` hands over every element of `A * B` exactly once, inside the block
+    /// of the task that owns it, bit-identical to `gemm`; shapes cover one and several
+    /// depth blocks, partial tiles, a transposed B (the encoder's `W^T` view) and both
+    /// the serial and the threaded path.
+    #[test]
+    fn tiles_equal_gemm() {
+        for &(m, k, n, tb) in &[
+            (5, 3, 7, false),
+            (37, 300, 101, true),
+            (130, 600, 1100, true),
+            (300, 577, 700, false),
+        ] {
+            let mut r = Rng::new((m * 13 + k * 5 + n) as u64);
+            let mut a = vec![0f32; m * k];
+            let mut b = vec![0f32; k * n];
+            r.fill_normal(&mut a, 1.0);
+            r.fill_normal(&mut b, 1.0);
+            let av = MatRef::row_major(&a, m, k);
+            let bv = if tb {
+                MatRef::row_major(&b, n, k).t()
+            } else {
+                MatRef::row_major(&b, k, n)
+            };
+            let mut want = vec![0f32; m * n];
+            gemm(1.0, av, bv, 0.0, MatMut::row_major(&mut want, m, n));
+            type Got = (
+                std::ops::Range<usize>,
+                std::ops::Range<usize>,
+                Vec<(usize, usize, f32)>,
+            );
+            let states: Vec<Got> = gemm_tiles(
+                av,
+                bv,
+                &|rows, cols| (rows, cols, Vec::new()),
+                &|s: &mut Got, t: &Tile| {
+                    for i in 0..t.rows {
+                        for (j, &v) in t.row(i).iter().enumerate() {
+                            s.2.push((t.row0 + i, t.col0 + j, v));
+                        }
+                    }
+                },
+            );
+            let mut seen = vec![0u8; m * n];
+            let mut got = vec![f32::NAN; m * n];
+            for (rows, cols, vals) in &states {
+                for &(i, j, v) in vals {
+                    assert!(
+                        rows.contains(&i) && cols.contains(&j),
+                        "{m}x{k}x{n}: ({i}, {j}) outside its task"
+                    );
+                    seen[i * n + j] += 1;
+                    got[i * n + j] = v;
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "{m}x{k}x{n}: an element missing or repeated"
+            );
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{m}x{k}x{n}: tiles differ from gemm");
+        }
     }
 }

@@ -19,7 +19,7 @@
 //! Each kernel has a dense or scalar reference in the tests.
 
 use rayon::prelude::*;
-use saelab_core::gemm::{gemm, MatMut, MatRef};
+use saelab_core::gemm::{gemm, gemm_tiles, MatMut, MatRef, Tile};
 use std::cmp::Ordering;
 
 /// Rows per rayon task in row-parallel kernels.
@@ -80,19 +80,6 @@ pub fn topk_select(row: &[f32], k: usize, floor: f32, buf: &mut Vec<(f32, u32)>)
     topk_select_impl(row, None, k, floor, buf)
 }
 
-/// [`topk_select`] of `row + bias` without materialising the sum (the encoder bias is
-/// added on the fly, saving a pass over the `[B, F]` pre-activation block).
-pub fn topk_select_bias(
-    row: &[f32],
-    bias: &[f32],
-    k: usize,
-    floor: f32,
-    buf: &mut Vec<(f32, u32)>,
-) {
-    topk_select_impl(row, Some(bias), k, floor, buf)
-}
-
-#[inline(always)]
 fn topk_select_impl(
     row: &[f32],
     bias: Option<&[f32]>,
@@ -101,72 +88,171 @@ fn topk_select_impl(
     buf: &mut Vec<(f32, u32)>,
 ) {
     buf.clear();
-    if k == 0 {
-        return;
-    }
-    let cap = (2 * k).max(32);
-    // Running threshold: once k entries are held, a new entry must beat the k-th largest
-    // (an equal value loses the tie to the lower index already held).
-    let mut thr = floor;
-    let n = row.len();
-    let full = n - n % 16;
-    let mut tmp = [0f32; 16];
-    let mut c0 = 0;
-    while c0 < full {
-        let ch = &row[c0..c0 + 16];
-        match bias {
-            Some(b) => {
-                let bc = &b[c0..c0 + 16];
-                for i in 0..16 {
-                    tmp[i] = ch[i] + bc[i];
-                }
-            }
-            None => tmp.copy_from_slice(ch),
-        }
-        let mut m = f32::NEG_INFINITY;
-        for &v in &tmp {
-            m = if v > m { v } else { m };
-        }
-        if m > thr {
-            for (j, &v) in tmp.iter().enumerate() {
-                if v > thr {
-                    buf.push((v, (c0 + j) as u32));
-                }
-            }
-            if buf.len() >= cap {
-                thr = shrink(buf, k);
-            }
-        }
-        c0 += 16;
-    }
-    for j in full..n {
-        let v = row[j] + bias.map_or(0.0, |b| b[j]);
-        if v > thr {
-            buf.push((v, j as u32));
-        }
-    }
-    if buf.len() > k {
-        shrink(buf, k);
-    }
-    buf.sort_unstable_by_key(|e| e.1);
+    let mut run = TopkStream {
+        thr: floor,
+        buf: std::mem::take(buf),
+    };
+    run.feed(row, bias, 0, k);
+    run.finish(k);
+    *buf = run.buf;
 }
 
-/// Top-k over a subset of the row's entries (`cols`), no floor; sorted by index.
-pub fn topk_subset(
-    row: &[f32],
-    bias: Option<&[f32]>,
-    cols: &[u32],
-    k: usize,
-    buf: &mut Vec<(f32, u32)>,
-) {
-    buf.clear();
+/// A top-k selection fed a row in column chunks, in increasing column order (the
+/// encoder's finished GEMM tiles): `feed` keeps the entries above a running threshold,
+/// `finish` leaves the k largest sorted by index. Chunked and whole-row selection give
+/// the same result, and so does merging the streams of disjoint column ranges (append
+/// the buffers, then `finish`).
+#[derive(Clone, Debug)]
+pub struct TopkStream {
+    /// Entries must be strictly greater than this: the floor, then the k-th largest
+    /// value held once k are held (an equal later value loses the tie to the lower index).
+    pub thr: f32,
+    pub buf: Vec<(f32, u32)>,
+}
+
+impl TopkStream {
+    pub fn new(floor: f32) -> Self {
+        TopkStream {
+            thr: floor,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Offer `vals[j] (+ bias[j])` as column `col0 + j`.
+    #[inline]
+    pub fn feed(&mut self, vals: &[f32], bias: Option<&[f32]>, col0: usize, k: usize) {
+        if k == 0 {
+            return;
+        }
+        if let Some(b) = bias {
+            assert!(
+                b.len() >= vals.len(),
+                "TopkStream::feed: bias shorter than the chunk"
+            );
+        }
+        let cap = (2 * k).max(32);
+        let n = vals.len();
+        let full = n - n % 16;
+        let mut c0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present; the bias covers the chunk (checked above).
+            unsafe { self.feed_chunks_avx512(vals, bias, col0, full, k, cap) };
+            c0 = full;
+        }
+        let mut tmp = [0f32; 16];
+        while c0 < full {
+            let ch = &vals[c0..c0 + 16];
+            match bias {
+                Some(b) => {
+                    let bc = &b[c0..c0 + 16];
+                    for i in 0..16 {
+                        tmp[i] = ch[i] + bc[i];
+                    }
+                }
+                None => tmp.copy_from_slice(ch),
+            }
+            self.offer_chunk(&tmp, 0xFFFF, col0 + c0, k, cap);
+            c0 += 16;
+        }
+        for j in full..n {
+            let v = vals[j] + bias.map_or(0.0, |b| b[j]);
+            if v > self.thr {
+                self.buf.push((v, (col0 + j) as u32));
+                if self.buf.len() >= cap {
+                    self.thr = shrink(&mut self.buf, k);
+                }
+            }
+        }
+    }
+
+    /// Push the lanes of `mask` whose value beats the threshold (columns `col..col + 16`).
+    #[inline(always)]
+    fn offer_chunk(&mut self, v: &[f32; 16], mask: u16, col: usize, k: usize, cap: usize) {
+        let mut pushed = false;
+        for (j, &x) in v.iter().enumerate() {
+            if mask & (1 << j) != 0 && x > self.thr {
+                self.buf.push((x, (col + j) as u32));
+                pushed = true;
+            }
+        }
+        if pushed && self.buf.len() >= cap {
+            self.thr = shrink(&mut self.buf, k);
+        }
+    }
+
+    /// The whole 16-lane chunks of [`TopkStream::feed`]: one compare against the running
+    /// threshold per chunk, so a chunk with nothing to keep (nearly all of them once k
+    /// entries are held) costs a load, an add and a compare.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `vals` and `bias` (if any) hold at least `full` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn feed_chunks_avx512(
+        &mut self,
+        vals: &[f32],
+        bias: Option<&[f32]>,
+        col0: usize,
+        full: usize,
+        k: usize,
+        cap: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let mut t = _mm512_set1_ps(self.thr);
+        let mut tmp = [0f32; 16];
+        let mut c0 = 0;
+        while c0 < full {
+            let mut v = _mm512_loadu_ps(vals.as_ptr().add(c0));
+            if let Some(b) = bias {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(b.as_ptr().add(c0)));
+            }
+            let mask = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, t);
+            if mask != 0 {
+                _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                self.offer_chunk(&tmp, mask, col0 + c0, k, cap);
+                t = _mm512_set1_ps(self.thr);
+            }
+            c0 += 16;
+        }
+    }
+
+    /// Offer only the absolute columns `cols`, all inside this chunk
+    /// (`col0..col0 + vals.len()`), with no threshold (AuxK over the dead latents,
+    /// negative values included).
+    pub fn feed_subset(
+        &mut self,
+        vals: &[f32],
+        bias: Option<&[f32]>,
+        col0: usize,
+        cols: &[u32],
+        k: usize,
+    ) {
+        if k == 0 {
+            return;
+        }
+        let cap = (2 * k).max(32);
+        for &c in cols {
+            let j = c as usize - col0;
+            self.buf.push((vals[j] + bias.map_or(0.0, |b| b[j]), c));
+            if self.buf.len() >= cap {
+                shrink(&mut self.buf, k);
+            }
+        }
+    }
+
+    /// Keep the k largest (ties to the lower index), sorted by index.
+    pub fn finish(&mut self, k: usize) {
+        keep_topk(&mut self.buf, k);
+    }
+}
+
+/// Keep the k largest entries of `buf` (ties to the lower index), sorted by index.
+pub fn keep_topk(buf: &mut Vec<(f32, u32)>, k: usize) {
     if k == 0 {
+        buf.clear();
         return;
     }
-    buf.extend(
-        cols.iter()
-            .map(|&c| (row[c as usize] + bias.map_or(0.0, |b| b[c as usize]), c)),
-    );
     if buf.len() > k {
         shrink(buf, k);
     }
@@ -205,6 +291,80 @@ pub fn encoder_blocks(
         per_block(r0, blk);
         r0 += nb;
     }
+}
+
+/// One row's selection by [`encoder_topk`]: (value, latent) sorted by latent.
+#[derive(Clone, Debug, Default)]
+pub struct RowTopk {
+    pub main: Vec<(f32, u32)>,
+    pub aux: Vec<(f32, u32)>,
+}
+
+/// The TopK encoder without its `[rows, F]` pre-activation matrix: per row of
+/// `x_c W + bias` (`w` a `[d, f]` view: the trainer's latent-major `[f, d]` encoder
+/// transposed, or an SAELens `W_enc`), the `k` largest values above `floor` and,
+/// among the columns `aux_cols` (sorted; the dead latents for AuxK), the `k_aux` largest.
+/// Each GEMM task selects over its own columns from the finished tiles while they are
+/// in cache ([`gemm_tiles`]); the per-task selections are then merged per row. Same
+/// result as [`topk_select`] on the full rows of `x_c W^T + bias` (and a sort for AuxK).
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_topk(
+    x_c: &[f32],
+    rows: usize,
+    w: MatRef,
+    bias: &[f32],
+    k: usize,
+    floor: f32,
+    aux_cols: &[u32],
+    k_aux: usize,
+) -> Vec<RowTopk> {
+    struct TaskSel {
+        row0: usize,
+        main: Vec<TopkStream>,
+        aux: Vec<TopkStream>,
+    }
+    let k_aux = if aux_cols.is_empty() { 0 } else { k_aux };
+    assert_eq!(bias.len(), w.cols, "encoder_topk: bias length != latents");
+    let states = gemm_tiles(
+        MatRef::row_major(x_c, rows, w.rows),
+        w,
+        &|r: std::ops::Range<usize>, _cols| TaskSel {
+            row0: r.start,
+            main: vec![TopkStream::new(floor); r.len()],
+            aux: vec![TopkStream::new(f32::NEG_INFINITY); if k_aux > 0 { r.len() } else { 0 }],
+        },
+        &|s: &mut TaskSel, t: &Tile| {
+            let b = &bias[t.col0..t.col0 + t.cols];
+            let dead = if k_aux > 0 {
+                let lo = aux_cols.partition_point(|&c| (c as usize) < t.col0);
+                let hi = aux_cols.partition_point(|&c| (c as usize) < t.col0 + t.cols);
+                &aux_cols[lo..hi]
+            } else {
+                &[]
+            };
+            for i in 0..t.rows {
+                let r = t.row0 + i - s.row0;
+                s.main[r].feed(t.row(i), Some(b), t.col0, k);
+                if !dead.is_empty() {
+                    s.aux[r].feed_subset(t.row(i), Some(b), t.col0, dead, k_aux);
+                }
+            }
+        },
+    );
+    let mut out = vec![RowTopk::default(); rows];
+    for s in states {
+        for (i, m) in s.main.into_iter().enumerate() {
+            out[s.row0 + i].main.extend(m.buf);
+        }
+        for (i, a) in s.aux.into_iter().enumerate() {
+            out[s.row0 + i].aux.extend(a.buf);
+        }
+    }
+    out.par_iter_mut().with_min_len(ROW_TASK).for_each(|o| {
+        keep_topk(&mut o.main, k);
+        keep_topk(&mut o.aux, k_aux);
+    });
+    out
 }
 
 /// Pre-activations of one row computed on its own (`x_c_row . W^T + bias`).
@@ -863,12 +1023,25 @@ mod tests {
                 if trial % 5 == 0 && n > 4 {
                     row[1] = row[3]; // ties
                 }
+                // Fed in uneven chunks with a bias, as two disjoint column ranges merged
+                // (the encoder's GEMM tasks and tiles): same as the whole summed row.
                 let bias: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
-                let mut with_bias = Vec::new();
-                topk_select_bias(&row, &bias, k, 0.0, &mut with_bias);
                 let summed: Vec<f32> = row.iter().zip(&bias).map(|(a, b)| a + b).collect();
                 topk_select(&summed, k, 0.0, &mut buf);
-                assert_eq!(with_bias, buf, "bias variant, n={n} k={k}");
+                let split = n / 3;
+                let mut merged = Vec::new();
+                for range in [0..split, split..n] {
+                    let mut run = TopkStream::new(0.0);
+                    let mut c = range.start;
+                    while c < range.end {
+                        let len = (1 + r.below(40)).min(range.end - c);
+                        run.feed(&row[c..c + len], Some(&bias[c..c + len]), c, k);
+                        c += len;
+                    }
+                    merged.extend(run.buf);
+                }
+                keep_topk(&mut merged, k);
+                assert_eq!(merged, buf, "chunked + merged, n={n} k={k}");
                 topk_select(&row, k, 0.0, &mut buf);
                 let mut all: Vec<(f32, u32)> = row
                     .iter()
@@ -988,6 +1161,56 @@ mod tests {
         close(&g5, &g4, "dense accum_rows");
         close(&s5, &s4, "dense accum_rows sums");
         assert!(!dense_pays(rows * f / 20, rows, f));
+    }
+
+    /// The tiled TopK encoder (threaded: several GEMM tasks merged) selects exactly what
+    /// a full pre-activation matrix would give, AuxK included, also for rows with fewer
+    /// than k positive values.
+    #[test]
+    fn encoder_topk_matches_full_rows() {
+        let mut r = Rng::new(12);
+        let (rows, f, d, k, k_aux) = (70, 2100, 24, 40, 20);
+        let mut x = randn(&mut r, rows * d);
+        // A few rows pushed negative: fewer than k positive pre-activations.
+        for i in (0..rows).step_by(9) {
+            x[i * d..(i + 1) * d].iter_mut().for_each(|v| *v *= 0.05);
+        }
+        let w = randn(&mut r, f * d);
+        let bias: Vec<f32> = (0..f)
+            .map(|l| if l % 9 == 0 { -3.0 } else { -0.5 })
+            .collect();
+        let aux_cols: Vec<u32> = (0..f as u32).filter(|l| l % 13 == 5).collect();
+        let wt = MatRef::row_major(&w, f, d).t();
+        let got = encoder_topk(&x, rows, wt, &bias, k, 0.0, &aux_cols, k_aux);
+        let mut pre = vec![0f32; rows * f];
+        gemm(
+            1.0,
+            MatRef::row_major(&x, rows, d),
+            MatRef::row_major(&w, f, d).t(),
+            0.0,
+            MatMut::row_major(&mut pre, rows, f),
+        );
+        let mut buf = Vec::new();
+        let mut short_rows = 0;
+        for i in 0..rows {
+            let row: Vec<f32> = pre[i * f..(i + 1) * f]
+                .iter()
+                .zip(&bias)
+                .map(|(a, b)| a + b)
+                .collect();
+            topk_select(&row, k, 0.0, &mut buf);
+            short_rows += (buf.len() < k) as usize;
+            assert_eq!(got[i].main, buf, "row {i}");
+            let mut aux: Vec<(f32, u32)> = aux_cols.iter().map(|&l| (row[l as usize], l)).collect();
+            aux.sort_by(desc);
+            aux.truncate(k_aux);
+            aux.sort_by_key(|e| e.1);
+            assert_eq!(got[i].aux, aux, "aux row {i}");
+        }
+        assert!(
+            short_rows > 0,
+            "no row with fewer than k positive values was tested"
+        );
     }
 
     #[test]

@@ -67,18 +67,7 @@ impl Sae {
     /// Pre-activations `(x - b_dec?) W_enc + b_enc`, [rows, d_sae].
     pub fn pre_activations(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (d, f) = (self.d_in, self.d_sae);
-        assert_eq!(x.len(), rows * d, "encode: input is not [rows, d_in]");
-        let xin: std::borrow::Cow<[f32]> = if self.apply_b_dec_to_input {
-            let mut v = x.to_vec();
-            for row in v.chunks_exact_mut(d) {
-                for (a, b) in row.iter_mut().zip(&self.b_dec) {
-                    *a -= b;
-                }
-            }
-            v.into()
-        } else {
-            x.into()
-        };
+        let xin = self.encoder_input(x, rows);
         let mut pre = vec![0f32; rows * f];
         let bias = if self.arch == InferenceArch::Gated {
             self.b_gate.as_ref().unwrap()
@@ -98,10 +87,48 @@ impl Sae {
         pre
     }
 
+    /// The encoder's input: `x - b_dec` when the SAE subtracts it, else `x`.
+    fn encoder_input<'a>(&self, x: &'a [f32], rows: usize) -> std::borrow::Cow<'a, [f32]> {
+        let d = self.d_in;
+        assert_eq!(x.len(), rows * d, "encode: input is not [rows, d_in]");
+        if self.apply_b_dec_to_input {
+            let mut v = x.to_vec();
+            for row in v.chunks_exact_mut(d) {
+                for (a, b) in row.iter_mut().zip(&self.b_dec) {
+                    *a -= b;
+                }
+            }
+            v.into()
+        } else {
+            x.into()
+        }
+    }
+
     /// Sparse codes of a batch [rows, d_in]. Indices within a row are ascending.
     pub fn encode(&self, x: &[f32], rows: usize) -> SparseCodes {
         use rayon::prelude::*;
         let f = self.d_sae;
+        if self.arch == InferenceArch::Topk {
+            // The trainer's tiled selection: the k largest positive pre-activations,
+            // without a [rows, d_sae] matrix.
+            let xin = self.encoder_input(x, rows);
+            let w = MatRef::row_major(&self.w_enc, self.d_in, f);
+            let sel = crate::kernels::encoder_topk(
+                &xin,
+                rows,
+                w,
+                &self.b_enc,
+                self.k.min(f),
+                0.0,
+                &[],
+                0,
+            );
+            let mut codes = SparseCodes::with_capacity(rows, f, rows * self.k.max(1));
+            for r in sel {
+                codes.push_row(r.main.iter().map(|&(v, l)| (l, v)));
+            }
+            return codes;
+        }
         let pre = self.pre_activations(x, rows);
         // Selection is per row: blocks of rows in parallel, joined in order.
         const BLOCK: usize = 64;
@@ -121,7 +148,6 @@ impl Sae {
         let f = self.d_sae;
         let mut codes = SparseCodes::with_capacity(rows, f, rows * self.k.max(1));
         let mut scratch: Vec<(u32, f32)> = Vec::with_capacity(f);
-        let mut topk_buf: Vec<(f32, u32)> = Vec::new();
         for r in 0..rows {
             let p = &pre[r * f..(r + 1) * f];
             scratch.clear();
@@ -144,11 +170,7 @@ impl Sae {
                             .map(|(i, v)| (i as u32, *v)),
                     )
                 }
-                InferenceArch::Topk => {
-                    // The trainer's blocked selection: the k largest positive entries.
-                    crate::kernels::topk_select(p, self.k.min(f), 0.0, &mut topk_buf);
-                    scratch.extend(topk_buf.iter().map(|&(v, i)| (i, v)));
-                }
+                InferenceArch::Topk => unreachable!("TopK selects in `encode`"),
                 InferenceArch::Gated => {
                     // p holds the gate pre-activations; magnitudes reuse the same matmul
                     // scaled by exp(r_mag) (x W_enc = p - b_gate).

@@ -13,6 +13,7 @@ use crate::model::{InferenceArch, Sae};
 use crate::regularizer::{DecoderRowGrads, Gate, Regularizer, StepContext};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use saelab_core::gemm::MatRef;
 use saelab_core::rng::Rng;
 use serde::Serialize;
 
@@ -405,108 +406,121 @@ impl TrainSae {
         if gate.is_some() && !matches!(arch, Architecture::Standard | Architecture::StandardApril) {
             bail!("a gate (adaptive thresholds) replaces the ReLU rule: it needs architecture standard or standard_april, not {arch:?}");
         }
-        // The TopK family adds the bias inside the selection (one pass less over the block);
-        // every other rule needs the biased block itself.
-        let fused_bias = arch.is_topk_family();
         let mut gate = gate;
         let mut sels: Vec<RowSel> = Vec::with_capacity(rows);
         let mut gate_err: Option<anyhow::Error> = None;
         let w_enc = &self.tensors[W_ENC].p;
-        kernels::encoder_blocks(
-            x_c,
-            rows,
-            d,
-            w_enc,
-            f,
-            block_rows,
-            &mut self.pre_buf,
-            |_r0, blk| {
-                if !fused_bias {
+        if arch.is_topk_family() {
+            // Select straight from the GEMM's tiles, adding the bias on the fly: the
+            // [rows, F] pre-activation block is never written (a gate needs a ReLU rule).
+            sels = kernels::encoder_topk(
+                x_c,
+                rows,
+                MatRef::row_major(w_enc, f, d).t(),
+                b_enc,
+                cand,
+                0.0,
+                &dead,
+                k_aux,
+            )
+            .into_iter()
+            .map(|t| RowSel {
+                main: t.main.into_iter().map(|(v, l)| (l, v, v)).collect(),
+                aux: t.aux.into_iter().map(|(v, l)| (l, v)).collect(),
+                ..Default::default()
+            })
+            .collect();
+        } else {
+            kernels::encoder_blocks(
+                x_c,
+                rows,
+                d,
+                w_enc,
+                f,
+                block_rows,
+                &mut self.pre_buf,
+                |_r0, blk| {
+                    // The other rules (and a gate's statistics) need the biased block.
                     blk.par_chunks_mut(f).with_min_len(4).for_each(|p| {
                         for (a, b) in p.iter_mut().zip(b_enc.iter()) {
                             *a += b;
                         }
                     });
-                }
-                let thr: Option<Vec<f32>> = match gate.as_mut() {
-                    Some(g) => {
-                        let t = g.thresholds(blk, blk.len() / f, f).to_vec();
-                        if t.len() != f {
-                            gate_err = Some(anyhow::anyhow!(
-                                "gate '{}' returned {} thresholds for {} latents",
-                                g.name(),
-                                t.len(),
-                                f
-                            ));
+                    let thr: Option<Vec<f32>> = match gate.as_mut() {
+                        Some(g) => {
+                            let t = g.thresholds(blk, blk.len() / f, f).to_vec();
+                            if t.len() != f {
+                                gate_err = Some(anyhow::anyhow!(
+                                    "gate '{}' returned {} thresholds for {} latents",
+                                    g.name(),
+                                    t.len(),
+                                    f
+                                ));
+                            }
+                            Some(t)
                         }
-                        Some(t)
+                        None => None,
+                    };
+                    if gate_err.is_some() {
+                        return;
                     }
-                    None => None,
-                };
-                if gate_err.is_some() {
-                    return;
-                }
-                let thr = thr.as_deref();
-                let part: Vec<RowSel> = blk
-                    .par_chunks(f)
-                    .map_init(Vec::new, |buf, p| {
-                        let mut s = RowSel::default();
-                        match arch {
-                            Architecture::Topk
-                            | Architecture::Batchtopk
-                            | Architecture::MatryoshkaBatchtopk => {
-                                kernels::topk_select_bias(p, b_enc, cand, 0.0, buf);
-                                s.main.extend(buf.iter().map(|&(v, l)| (l, v, v)));
-                                if k_aux > 0 {
-                                    kernels::topk_subset(p, Some(b_enc), &dead, k_aux, buf);
-                                    s.aux.extend(buf.iter().map(|&(v, l)| (l, v)));
+                    let thr = thr.as_deref();
+                    let part: Vec<RowSel> = blk
+                        .par_chunks(f)
+                        .map(|p| {
+                            let mut s = RowSel::default();
+                            match arch {
+                                Architecture::Topk
+                                | Architecture::Batchtopk
+                                | Architecture::MatryoshkaBatchtopk => {
+                                    unreachable!("the TopK family selects from the GEMM tiles")
                                 }
-                            }
-                            Architecture::Standard | Architecture::StandardApril => match thr {
-                                Some(t) => s.main.extend(
-                                    p.iter()
-                                        .zip(t)
-                                        .enumerate()
-                                        .filter(|(_, (&v, &t))| v > t.max(0.0))
-                                        .map(|(l, (&v, _))| (l as u32, v, v)),
-                                ),
-                                None => s.main.extend(
-                                    p.iter()
-                                        .enumerate()
-                                        .filter(|(_, &v)| v > 0.0)
-                                        .map(|(l, &v)| (l as u32, v, v)),
-                                ),
-                            },
-                            Architecture::Jumprelu => {
-                                let th = theta.unwrap();
-                                for (l, (&v, &t)) in p.iter().zip(th).enumerate() {
-                                    if v > t {
-                                        s.main.push((l as u32, v, v));
-                                    } else if v > t - half_bw {
-                                        s.near.push((l as u32, v));
-                                    }
-                                }
-                            }
-                            Architecture::Gated => {
-                                let (rm, bm) = (r_mag.unwrap(), b_mag.unwrap());
-                                for (l, &g) in p.iter().enumerate() {
-                                    if g > 0.0 {
-                                        let xw = g - b_enc[l];
-                                        let m = xw * rm[l].exp() + bm[l];
-                                        if m > 0.0 {
-                                            s.main.push((l as u32, m, m));
+                                Architecture::Standard | Architecture::StandardApril => match thr {
+                                    Some(t) => s.main.extend(
+                                        p.iter()
+                                            .zip(t)
+                                            .enumerate()
+                                            .filter(|(_, (&v, &t))| v > t.max(0.0))
+                                            .map(|(l, (&v, _))| (l as u32, v, v)),
+                                    ),
+                                    None => s.main.extend(
+                                        p.iter()
+                                            .enumerate()
+                                            .filter(|(_, &v)| v > 0.0)
+                                            .map(|(l, &v)| (l as u32, v, v)),
+                                    ),
+                                },
+                                Architecture::Jumprelu => {
+                                    let th = theta.unwrap();
+                                    for (l, (&v, &t)) in p.iter().zip(th).enumerate() {
+                                        if v > t {
+                                            s.main.push((l as u32, v, v));
+                                        } else if v > t - half_bw {
+                                            s.near.push((l as u32, v));
                                         }
-                                        s.gate.push((l as u32, g, xw));
+                                    }
+                                }
+                                Architecture::Gated => {
+                                    let (rm, bm) = (r_mag.unwrap(), b_mag.unwrap());
+                                    for (l, &g) in p.iter().enumerate() {
+                                        if g > 0.0 {
+                                            let xw = g - b_enc[l];
+                                            let m = xw * rm[l].exp() + bm[l];
+                                            if m > 0.0 {
+                                                s.main.push((l as u32, m, m));
+                                            }
+                                            s.gate.push((l as u32, g, xw));
+                                        }
                                     }
                                 }
                             }
-                        }
-                        s
-                    })
-                    .collect();
-                sels.extend(part);
-            },
-        );
+                            s
+                        })
+                        .collect();
+                    sels.extend(part);
+                },
+            );
+        }
         if let Some(e) = gate_err {
             return Err(e);
         }

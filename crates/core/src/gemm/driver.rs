@@ -299,10 +299,13 @@ impl AlignedBuf {
 struct Scratch {
     a: AlignedBuf,
     b: AlignedBuf,
+    c: AlignedBuf,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// [`gemm_tiles_blocked`]'s own buffers (its packed A spans every depth block).
+    static TILE_SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Block sizes for one call: `kc` and `mc` split their dimension into equal blocks, so
@@ -493,4 +496,228 @@ fn split_tasks<K: Kernel>(m: usize, n: usize, threads: usize) -> Vec<Task> {
         }
     }
     tasks
+}
+
+/// One finished block of `A * B` handed to a [`gemm_tiles_blocked`] consumer: rows
+/// `row0..row0 + rows`, columns `col0..col0 + cols`, row `i` at `data[i * stride..]`.
+pub struct Tile<'t> {
+    pub row0: usize,
+    pub col0: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+    pub data: &'t [f32],
+}
+
+impl Tile<'_> {
+    /// Row `i` of the tile (`cols` values).
+    #[inline]
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.stride..i * self.stride + self.cols]
+    }
+}
+
+/// Rows of C finished per tile: the tile stays in L2 across the depth blocks and while
+/// the consumer reads it.
+const TILE_MR_PANELS: usize = 8;
+
+/// Columns per tile. The packed B block spans every depth block (`k x nc`); 512 columns
+/// was the fastest of 256, 384, 512 and 1024 for the SAE encoder at k = 576 (`cargo bench
+/// -p saelab-sae --bench encoder`, docs/benchmarks-sae.md). `SAELAB_TILE_NC` overrides it
+/// (benchmarks).
+fn tile_nc<K: Kernel>() -> usize {
+    static NC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let nc = *NC.get_or_init(|| {
+        std::env::var("SAELAB_TILE_NC")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(512)
+    });
+    nc.next_multiple_of(K::NR)
+}
+
+/// Packed-A buffers of [`gemm_tiles_blocked`], kept between calls (a training step calls
+/// it once per batch with the same shapes; fresh buffers would page-fault every time).
+static TILE_A_POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A row range of C, its consumer state and its packed A (every depth block).
+struct RowTask<S> {
+    i0: usize,
+    i1: usize,
+    state: S,
+    abuf: AlignedBuf,
+}
+
+/// A pointer that rayon tasks may share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+// SAFETY: users write disjoint ranges only (documented at each use).
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `A * B` delivered as finished tiles to `tile(state, ..)` instead of being written to a
+/// C matrix. C is cut into row tasks (at most two per thread), each with its own
+/// consumer state (from `init(rows, cols)`), so a consumer sees every column of its rows
+/// in increasing order. The column blocks are walked in order: each B block (all depth
+/// blocks) is packed once, by all threads, then every row task computes its tiles from
+/// it — each tile accumulating all depth blocks in a small per-thread buffer, so the
+/// product is never stored and the consumer reads it from cache. Returns the states in
+/// row order. The accumulation order equals [`gemm_blocked`]'s, so the values are
+/// bit-identical to its output with `alpha = 1, beta = 0`.
+///
+/// # Safety
+/// The views must address `m x k` and `k x n` in-bounds elements, `m, n, k > 0`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_tiles_blocked<K: Kernel, S: Send>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    threads: usize,
+    init: &(dyn Fn(std::ops::Range<usize>, std::ops::Range<usize>) -> S + Sync),
+    tile: &(dyn Fn(&mut S, &Tile) + Sync),
+) -> Vec<S> {
+    let blk = blocking::<K>(m, n, k);
+    let depth: Vec<(usize, usize)> = (0..k)
+        .step_by(blk.kc)
+        .map(|pc| (pc, blk.kc.min(k - pc)))
+        .collect();
+    let tile_rows = K::MR * TILE_MR_PANELS;
+    let nc_t = tile_nc::<K>();
+    let n_tiles = m.div_ceil(tile_rows);
+    let count = if threads <= 1 {
+        1
+    } else {
+        (2 * threads).min(n_tiles)
+    };
+    let mut pool = std::mem::take(&mut *TILE_A_POOL.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut tasks: Vec<RowTask<S>> = (0..count)
+        .map(|t| {
+            let i0 = (n_tiles * t / count) * tile_rows;
+            let i1 = ((n_tiles * (t + 1) / count) * tile_rows).min(m);
+            RowTask {
+                i0,
+                i1,
+                state: init(i0..i1, 0..n),
+                abuf: pool.pop().unwrap_or_default(),
+            }
+        })
+        .collect();
+    // A packed once per task for every depth block: block `pc` starts at `pc * m_pad`.
+    let pack_a = |t: &mut RowTask<S>| {
+        let m_pad = (t.i1 - t.i0).next_multiple_of(K::MR);
+        let ap = t.abuf.ptr(k * m_pad);
+        for &(pc, kc) in &depth {
+            K::pack_a(ap.add(pc * m_pad), a, t.i0, t.i1 - t.i0, pc, kc);
+        }
+    };
+    let mut bbuf = pool.pop().unwrap_or_default();
+    let bp = SharedPtr(bbuf.ptr(k * nc_t));
+    let run = |t: &mut RowTask<S>, jc: usize, nc: usize| {
+        let nc_pad = nc.next_multiple_of(K::NR);
+        let m_pad = (t.i1 - t.i0).next_multiple_of(K::MR);
+        let ap = t.abuf.ptr(k * m_pad);
+        TILE_SCRATCH.with(|s| {
+            // `tile` is user code: if it re-enters on this thread (a GEMM of its own, or
+            // a rayon task stolen while it waits), that call gets a private buffer.
+            let mut fresh = Scratch::default();
+            let mut guard = s.try_borrow_mut();
+            let scratch: &mut Scratch = match guard {
+                Ok(ref mut g) => g,
+                Err(_) => &mut fresh,
+            };
+            let cp = scratch.c.ptr(tile_rows * nc_t);
+            let c = ViewMut {
+                ptr: cp,
+                rs: nc as isize,
+                cs: 1,
+            };
+            let mut ic = t.i0;
+            while ic < t.i1 {
+                let mc = tile_rows.min(t.i1 - ic);
+                // Row `ic`'s panel inside each packed A depth block.
+                let a_rows = ic - t.i0;
+                for &(pc, kc) in &depth {
+                    let beta = if pc == 0 { 0.0 } else { 1.0 };
+                    macro_tile::<K>(
+                        kc,
+                        mc,
+                        nc,
+                        ap.add(pc * m_pad + a_rows * kc),
+                        bp.get().add(pc * nc_pad),
+                        1.0,
+                        beta,
+                        c,
+                        0,
+                        0,
+                    );
+                }
+                let data = std::slice::from_raw_parts(cp, mc * nc);
+                let view = Tile {
+                    row0: ic,
+                    col0: jc,
+                    rows: mc,
+                    cols: nc,
+                    stride: nc,
+                    data,
+                };
+                tile(&mut t.state, &view);
+                ic += mc;
+            }
+        });
+    };
+    if count == 1 {
+        pack_a(&mut tasks[0]);
+    } else {
+        tasks.par_iter_mut().for_each(pack_a);
+    }
+    let mut jc = 0;
+    while jc < n {
+        let nc = nc_t.min(n - jc);
+        let nc_pad = nc.next_multiple_of(K::NR);
+        let panels = nc.div_ceil(K::NR);
+        // B block of every depth block, one `kc x NR` panel per job.
+        let pack_b = |job: usize| {
+            let (pc, kc) = depth[job / panels];
+            let p = job % panels;
+            let w = K::NR.min(nc - p * K::NR);
+            // SAFETY: each job writes only its own panel of the shared B buffer.
+            K::pack_b(
+                bp.get().add(pc * nc_pad + p * kc * K::NR),
+                b,
+                pc,
+                kc,
+                jc + p * K::NR,
+                w,
+            );
+        };
+        if count == 1 {
+            (0..depth.len() * panels).for_each(pack_b);
+            run(&mut tasks[0], jc, nc);
+        } else {
+            (0..depth.len() * panels).into_par_iter().for_each(pack_b);
+            tasks.par_iter_mut().for_each(|t| run(t, jc, nc));
+        }
+        jc += nc;
+    }
+    let mut states = Vec::with_capacity(count);
+    for t in tasks {
+        states.push(t.state);
+        pool.push(t.abuf);
+    }
+    pool.push(bbuf);
+    TILE_A_POOL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(pool);
+    states
 }

@@ -1,0 +1,100 @@
+//! The TopK encoder of one batch (B 2048, F 16384, k 40): the encoder GEMM written to a
+//! `[B, F]` pre-activation matrix and then a parallel per-row top-k (the unfused path),
+//! against [`encoder_topk`], which selects from the GEMM's tiles while they are in cache.
+//! The two are alternated over several rounds so a change in the machine's speed hits
+//! both; the minimum is the time least disturbed by other load.
+//!
+//! Run: `cargo bench -p saelab-sae --bench encoder` (optional args: d_in values).
+
+use rayon::prelude::*;
+use saelab_core::gemm::{gemm, MatMut, MatRef};
+use saelab_core::rng::Rng;
+use saelab_sae::kernels::{encoder_topk, topk_select};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let dims = if args.is_empty() {
+        vec![576, 2304]
+    } else {
+        args
+    };
+    let (f, k, b) = (16384usize, 40usize, 2048usize);
+    println!("threads: {}", rayon::current_num_threads());
+    for d in dims {
+        let mut r = Rng::new(3);
+        let mut x = vec![0f32; b * d];
+        let mut w = vec![0f32; f * d];
+        r.fill_normal(&mut x, 1.0);
+        r.fill_normal(&mut w, (1.0 / d as f32).sqrt());
+        let bias = vec![-0.1f32; f];
+        let mut pre = vec![0f32; b * f];
+        let unfused = |pre: &mut Vec<f32>| -> Vec<Vec<(f32, u32)>> {
+            gemm(
+                1.0,
+                MatRef::row_major(&x, b, d),
+                MatRef::row_major(&w, f, d).t(),
+                0.0,
+                MatMut::row_major(pre, b, f),
+            );
+            pre.par_chunks_mut(f)
+                .map_init(Vec::new, |buf, row| {
+                    row.iter_mut().zip(&bias).for_each(|(a, c)| *a += c);
+                    topk_select(row, k, 0.0, buf);
+                    buf.clone()
+                })
+                .collect()
+        };
+        let fused = || -> Vec<Vec<(f32, u32)>> {
+            encoder_topk(
+                &x,
+                b,
+                MatRef::row_major(&w, f, d).t(),
+                &bias,
+                k,
+                0.0,
+                &[],
+                0,
+            )
+            .into_iter()
+            .map(|r| r.main)
+            .collect()
+        };
+        assert!(
+            unfused(&mut pre) == fused(),
+            "the two paths selected differently"
+        );
+        let reps = if d >= 2000 { 4 } else { 10 };
+        let (mut t_u, mut t_f) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            std::hint::black_box(unfused(&mut pre));
+            t_u.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            std::hint::black_box(fused());
+            t_f.push(t.elapsed().as_secs_f64());
+        }
+        let gflop = 2.0 * (b * d * f) as f64 / 1e9;
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[0], v[v.len() / 2])
+        };
+        let ((u, um), (fu, fm)) = (stats(&mut t_u), stats(&mut t_f));
+        println!(
+            "d_in {d:5} F {f} k {k} B {b}, {reps} alternated rounds, min (median): \
+             GEMM + select {:.1} ({:.1}) ms = {:.0} GFLOP/s; tiled encoder_topk {:.1} ({:.1}) ms \
+             = {:.0} GFLOP/s; speed-up {:.2}x ({:.2}x)",
+            u * 1e3,
+            um * 1e3,
+            gflop / u,
+            fu * 1e3,
+            fm * 1e3,
+            gflop / fu,
+            u / fu,
+            um / fm
+        );
+    }
+}
