@@ -521,20 +521,23 @@ impl Tile<'_> {
 /// the consumer reads it.
 const TILE_MR_PANELS: usize = 8;
 
-/// Columns per tile. The packed B block spans every depth block (`k x nc`); 512 columns
-/// was the fastest of 256, 384, 512 and 1024 for the SAE encoder at k = 576 (`cargo bench
-/// -p saelab-sae --bench encoder`, docs/benchmarks-sae.md). `SAELAB_TILE_NC` overrides it
+/// Columns per tile for depth `k`. The packed B block spans every depth block (`k x nc`
+/// floats); measured with `cargo bench -p saelab-sae --bench encoder` (docs/benchmarks-sae.md),
+/// 512 columns (a 1.1 MiB block) was fastest at k = 576 and 128-256 at k = 2304, so the
+/// block is kept near 1.5 MiB, at most 512 columns. `SAELAB_TILE_NC` overrides it
 /// (benchmarks).
-fn tile_nc<K: Kernel>() -> usize {
-    static NC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let nc = *NC.get_or_init(|| {
+fn tile_nc<K: Kernel>(k: usize) -> usize {
+    static NC: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let env = *NC.get_or_init(|| {
         std::env::var("SAELAB_TILE_NC")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&v| v > 0)
-            .unwrap_or(512)
     });
-    nc.next_multiple_of(K::NR)
+    match env {
+        Some(nc) => nc.next_multiple_of(K::NR),
+        None => ((384 * 1024 / k.max(1)).clamp(K::NR, 512) / K::NR) * K::NR,
+    }
 }
 
 /// Packed-A buffers of [`gemm_tiles_blocked`], kept between calls (a training step calls
@@ -592,7 +595,7 @@ pub(crate) unsafe fn gemm_tiles_blocked<K: Kernel, S: Send>(
         .map(|pc| (pc, blk.kc.min(k - pc)))
         .collect();
     let tile_rows = K::MR * TILE_MR_PANELS;
-    let nc_t = tile_nc::<K>();
+    let nc_t = tile_nc::<K>(k);
     let n_tiles = m.div_ceil(tile_rows);
     let count = if threads <= 1 {
         1
