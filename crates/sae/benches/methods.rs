@@ -86,6 +86,11 @@ fn step_overhead(reps: usize) {
         };
         let (mut tp, mut tm) = (Vec::new(), Vec::new());
         for s in 0..steps + 2 {
+            if s == 2 {
+                // Per-phase wall time of the timed steps, to show where the method's cost is.
+                plain.profile = Some(Vec::new());
+                with.profile = Some(Vec::new());
+            }
             let xb = &x[s * b * d..(s + 1) * b * d];
             let t = Instant::now();
             plain.train_step(xb, &mut none).expect("plain step");
@@ -109,6 +114,18 @@ fn step_overhead(reps: usize) {
             mm / pm,
             tm[0] / tp[0]
         );
+        let (pp, wp) = (plain.profile.take().unwrap(), with.profile.take().unwrap());
+        for (name, t) in &wp {
+            let base = pp.iter().find(|e| e.0 == *name).map_or(0.0, |e| e.1);
+            let per = |v: f64| v * 1e3 / steps as f64;
+            if (per(*t) - per(base)).abs() >= 0.5 {
+                println!(
+                    "    {name:<48} plain {:6.1} ms/step, with {preset} {:6.1} ms/step",
+                    per(base),
+                    per(*t)
+                );
+            }
+        }
     }
 }
 
