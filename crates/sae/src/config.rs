@@ -88,6 +88,14 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Linear LR warm-up steps. Default 1000.
     pub warmup_steps: usize,
+    /// Where the linear warm-up starts. `true`: step `s` (0-based) uses `lr * s / warmup`,
+    /// so the first step only feeds Adam's moments (dictionary_learning's and sparsify's
+    /// schedules); `false`: `lr * (s + 1) / warmup` (SAELens). Default true for the
+    /// standard, standard_april and gated SAEs (dictionary_learning's trainers), false for
+    /// the TopK family and JumpReLU. It matters for a ReLU SAE: its first gradient, at
+    /// L0 ~F/2, is the largest of the run, and taking a step along it cost 0.045 of
+    /// held-out FVE at L0 180 in a 100-step run (docs/benchmarks-peers.md section 7).
+    pub warmup_from_zero: Option<bool>,
     /// Step from which the LR decays linearly to 0 at the last step. Default none.
     pub decay_start: Option<usize>,
     /// Global gradient-norm clip (0 = off). Default 1.0 (standard: 0, as dictionary_learning).
@@ -173,6 +181,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             warmup_steps: 1000,
+            warmup_from_zero: None,
             decay_start: None,
             grad_clip: None,
             unit_norm_decoder: None,
@@ -261,6 +270,8 @@ impl TrainConfig {
             .get_or_insert(if a == Jumprelu { 0.0 } else { 0.9 });
         c.grad_clip
             .get_or_insert(if a == Standard { 0.0 } else { 1.0 });
+        c.warmup_from_zero
+            .get_or_insert(matches!(a, Standard | StandardApril | Gated));
         c.unit_norm_decoder.get_or_insert(a != StandardApril);
         c.apply_b_dec_to_input
             .get_or_insert(!matches!(a, Jumprelu | StandardApril));

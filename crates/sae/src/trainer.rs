@@ -314,10 +314,15 @@ impl TrainSae {
     pub fn lr_at(&self, step: usize) -> f64 {
         let base = self.cfg.lr.unwrap_or(1e-3);
         let w = self.cfg.warmup_steps;
+        let first = if self.cfg.warmup_from_zero.unwrap_or(false) {
+            0
+        } else {
+            1
+        };
         let warm = if w == 0 {
             1.0
         } else {
-            ((step + 1) as f64 / w as f64).min(1.0)
+            ((step + first) as f64 / w as f64).min(1.0)
         };
         let decay = match self.cfg.decay_start {
             Some(ds) if step >= ds && self.total_steps > ds => {
@@ -1700,6 +1705,17 @@ mod tests {
         let sae = TrainSae::new(&cfg, 4, 10).unwrap();
         let got: Vec<f64> = (0..10).map(|s| sae.lr_at(s)).collect();
         let want = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?}");
+        }
+        // Warm-up from zero (dictionary_learning's schedule, the standard SAE's default).
+        let std_cfg = TrainConfig {
+            architecture: Architecture::Standard,
+            ..cfg.clone()
+        };
+        let sae = TrainSae::new(&std_cfg, 4, 10).unwrap();
+        let got: Vec<f64> = (0..10).map(|s| sae.lr_at(s)).collect();
+        let want = [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-12, "{got:?}");
         }
