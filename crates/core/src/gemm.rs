@@ -65,6 +65,15 @@ impl<'a> MatRef<'a> {
         self.data[(i as isize * self.rs + j as isize * self.cs) as usize]
     }
 
+    /// The driver's raw view of the same elements.
+    fn view(&self) -> driver::View {
+        driver::View {
+            ptr: self.data.as_ptr(),
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
     fn check(&self) {
         check_view(
             self.rows,
@@ -78,6 +87,15 @@ impl<'a> MatRef<'a> {
 }
 
 impl<'a> MatMut<'a> {
+    /// The driver's raw view of the same elements.
+    fn view_mut(&mut self) -> driver::ViewMut {
+        driver::ViewMut {
+            ptr: self.data.as_mut_ptr(),
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         assert!(data.len() >= rows * cols, "MatMut: buffer too small");
         MatMut {
@@ -179,16 +197,8 @@ pub fn gemm_tiles<S: Send>(
         return vec![s];
     }
     let threads = threads_for(m, n, k);
-    let av = driver::View {
-        ptr: a.data.as_ptr(),
-        rs: a.rs,
-        cs: a.cs,
-    };
-    let bv = driver::View {
-        ptr: b.data.as_ptr(),
-        rs: b.rs,
-        cs: b.cs,
-    };
+    let av = a.view();
+    let bv = b.view();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: shapes and bounds were checked above; the tiles are private buffers.
@@ -260,7 +270,7 @@ fn gemm_dispatch(
     a: MatRef,
     b: MatRef,
     beta: f32,
-    c: MatMut,
+    mut c: MatMut,
     threads: usize,
 ) {
     if m == 0 || n == 0 {
@@ -276,21 +286,9 @@ fn gemm_dispatch(
         gemm_reference(alpha, a, b, beta, c);
         return;
     }
-    let av = driver::View {
-        ptr: a.data.as_ptr(),
-        rs: a.rs,
-        cs: a.cs,
-    };
-    let bv = driver::View {
-        ptr: b.data.as_ptr(),
-        rs: b.rs,
-        cs: b.cs,
-    };
-    let cv = driver::ViewMut {
-        ptr: c.data.as_mut_ptr(),
-        rs: c.rs,
-        cs: c.cs,
-    };
+    let av = a.view();
+    let bv = b.view();
+    let cv = c.view_mut();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: shapes and bounds were checked by `check_shapes`; C is injective and
@@ -403,7 +401,7 @@ fn gemm_bf16b_dispatch(
     a: MatRef,
     b: BfMatRef,
     beta: f32,
-    c: MatMut,
+    mut c: MatMut,
     threads: usize,
 ) {
     if m == 0 || n == 0 {
@@ -426,22 +424,14 @@ fn gemm_bf16b_dispatch(
         gemm_reference(alpha, a, bv, beta, c);
         return;
     }
-    let av = driver::View {
-        ptr: a.data.as_ptr(),
-        rs: a.rs,
-        cs: a.cs,
-    };
+    let av = a.view();
     // `half::bf16` is `repr(transparent)` over its u16 bit pattern.
     let bv = driver::BfView {
         ptr: b.data.as_ptr() as *const u16,
         rs: b.rs,
         cs: b.cs,
     };
-    let cv = driver::ViewMut {
-        ptr: c.data.as_mut_ptr(),
-        rs: c.rs,
-        cs: c.cs,
-    };
+    let cv = c.view_mut();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: as in `gemm_dispatch`.
@@ -732,45 +722,21 @@ mod tests {
     #[test]
     fn portable_kernel_matches_reference() {
         // The non-AVX-512 serial path, exercised directly so this machine tests it too.
-        fn portable(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+        fn portable(alpha: f32, a: MatRef, b: MatRef, beta: f32, mut c: MatMut) {
             let (m, k, n) = (a.rows, a.cols, b.cols);
-            let av = driver::View {
-                ptr: a.data.as_ptr(),
-                rs: a.rs,
-                cs: a.cs,
-            };
-            let bv = driver::View {
-                ptr: b.data.as_ptr(),
-                rs: b.rs,
-                cs: b.cs,
-            };
-            let cv = driver::ViewMut {
-                ptr: c.data.as_mut_ptr(),
-                rs: c.rs,
-                cs: c.cs,
-            };
+            let av = a.view();
+            let bv = b.view();
+            let cv = c.view_mut();
             unsafe {
                 driver::gemm_blocked::<portable::Portable, _>(m, n, k, alpha, av, bv, beta, cv, 1)
             };
         }
         // The baseline body (what a CPU without AVX2/FMA runs), also threaded.
-        fn baseline(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+        fn baseline(alpha: f32, a: MatRef, b: MatRef, beta: f32, mut c: MatMut) {
             let (m, k, n) = (a.rows, a.cols, b.cols);
-            let av = driver::View {
-                ptr: a.data.as_ptr(),
-                rs: a.rs,
-                cs: a.cs,
-            };
-            let bv = driver::View {
-                ptr: b.data.as_ptr(),
-                rs: b.rs,
-                cs: b.cs,
-            };
-            let cv = driver::ViewMut {
-                ptr: c.data.as_mut_ptr(),
-                rs: c.rs,
-                cs: c.cs,
-            };
+            let av = a.view();
+            let bv = b.view();
+            let cv = c.view_mut();
             unsafe {
                 driver::gemm_blocked::<portable::PortableBaseline, _>(
                     m, n, k, alpha, av, bv, beta, cv, 2,

@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench -p saelab-sae --bench encoder` (optional args: d_in values).
 
+mod common;
+
 use rayon::prelude::*;
 use saelab_core::gemm::{gemm, MatMut, MatRef};
 use saelab_core::rng::Rng;
@@ -13,18 +15,8 @@ use saelab_sae::kernels::{encoder_topk, topk_select};
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let dims = if args.is_empty() {
-        vec![576, 2304]
-    } else {
-        args
-    };
-    let (f, k, b) = (16384usize, 40usize, 2048usize);
-    println!("threads: {}", rayon::current_num_threads());
-    for d in dims {
+    let (f, k, b) = common::SHAPE;
+    for d in common::dims() {
         let mut r = Rng::new(3);
         let mut x = vec![0f32; b * d];
         let mut w = vec![0f32; f * d];

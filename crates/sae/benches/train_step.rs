@@ -6,6 +6,8 @@
 //! `standard` for a ReLU + L1 step instead: its codes are dense early in training, so
 //! it shows the dense-kernel path; `SAELAB_DENSE_FROM=2` forces the sparse kernels).
 
+mod common;
+
 use saelab_core::gemm::{gemm, MatMut, MatRef};
 use saelab_sae::config::{Architecture, TrainConfig};
 use saelab_sae::synth::sparse_mixture;
@@ -14,18 +16,8 @@ use std::time::Instant;
 
 fn main() {
     let standard = std::env::args().any(|a| a == "standard");
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let dims = if args.is_empty() {
-        vec![576, 2304]
-    } else {
-        args
-    };
-    let (f, k, b) = (16384usize, 40usize, 2048usize);
-    println!("threads: {}", rayon::current_num_threads());
-    for d in dims {
+    let (f, k, b) = common::SHAPE;
+    for d in common::dims() {
         let steps = if d >= 2000 { 4 } else { 8 };
         let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
         let cfg = TrainConfig {

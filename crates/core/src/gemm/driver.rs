@@ -308,6 +308,18 @@ thread_local! {
     static TILE_SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Run `f` on this thread's scratch buffers of `key`, or on fresh private ones if they
+/// are already in use further up this thread's stack.
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<RefCell<Scratch>>,
+    f: impl FnOnce(&mut Scratch) -> R,
+) -> R {
+    key.with(|s| match s.try_borrow_mut() {
+        Ok(mut g) => f(&mut g),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// Block sizes for one call: `kc` and `mc` split their dimension into equal blocks, so
 /// k = 576 becomes 3 x 192 rather than 256 + 256 + 64 (no short, inefficient tail block).
 #[derive(Clone, Copy)]
@@ -347,15 +359,9 @@ unsafe fn run_task<K: Kernel, B: BSource<K>>(
     beta: f32,
     c: ViewMut,
 ) {
-    SCRATCH.with(|s| {
-        // A re-entrant use on this thread (not expected: tasks never call back into rayon)
-        // gets private buffers instead of a panic.
-        let mut fresh = Scratch::default();
-        let mut guard = s.try_borrow_mut();
-        let scratch: &mut Scratch = match guard {
-            Ok(ref mut g) => g,
-            Err(_) => &mut fresh,
-        };
+    // A re-entrant use on this thread (not expected: tasks never call back into rayon)
+    // gets private buffers instead of a panic.
+    with_scratch(&SCRATCH, |scratch| {
         let nc_max = blk.nc.min((t.j1 - t.j0).next_multiple_of(K::NR));
         let mc_max = blk.mc.min((t.i1 - t.i0).next_multiple_of(K::MR));
         let bbuf = scratch.b.ptr(blk.kc * nc_max);
@@ -629,15 +635,9 @@ pub(crate) unsafe fn gemm_tiles_blocked<K: Kernel, S: Send>(
         let nc_pad = nc.next_multiple_of(K::NR);
         let m_pad = (t.i1 - t.i0).next_multiple_of(K::MR);
         let ap = t.abuf.ptr(k * m_pad);
-        TILE_SCRATCH.with(|s| {
-            // `tile` is user code: if it re-enters on this thread (a GEMM of its own, or
-            // a rayon task stolen while it waits), that call gets a private buffer.
-            let mut fresh = Scratch::default();
-            let mut guard = s.try_borrow_mut();
-            let scratch: &mut Scratch = match guard {
-                Ok(ref mut g) => g,
-                Err(_) => &mut fresh,
-            };
+        // `tile` is user code: if it re-enters on this thread (a GEMM of its own, or a
+        // rayon task stolen while it waits), that call gets a private buffer.
+        with_scratch(&TILE_SCRATCH, |scratch| {
             let cp = scratch.c.ptr(tile_rows * nc_t);
             let c = ViewMut {
                 ptr: cp,
