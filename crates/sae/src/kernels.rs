@@ -1,12 +1,14 @@
 //! The hot kernels of a training step, written so that everything after the encoder
 //! matmul costs O(B * k * d_in) instead of O(B * F * d_in):
 //!
-//! - [`encoder_blocks`]: the encoder GEMM in row blocks (so the pre-activation block stays
-//!   small) handing each block to a selector; the encoder is stored latent-major
-//!   `[F, d_in]` so that its gradient rows are contiguous, and the GEMM reads it as a
-//!   transposed view.
-//! - [`topk_select`]: per-row top-k with a running threshold filter that skips 16-wide
-//!   chunks whose maximum cannot enter the top-k.
+//! - [`encoder_topk`]: the TopK encoder without a `[B, F]` pre-activation matrix: the
+//!   selection runs on the encoder GEMM's finished tiles while they are in cache
+//!   (`saelab_core::gemm::gemm_tiles`). The encoder is stored latent-major `[F, d_in]` so
+//!   that its gradient rows are contiguous, and the GEMM reads it as a transposed view.
+//! - [`encoder_blocks`]: the encoder GEMM in row blocks handing each biased block to a
+//!   selector, for the rules that need the block itself (ReLU, JumpReLU, gated, a gate).
+//! - [`TopkStream`] / [`topk_select`]: per-row top-k fed in column chunks, with a running
+//!   threshold that skips 16-wide chunks with nothing to keep (one AVX-512 compare each).
 //! - [`decode`], [`grad_vals`]: the sparse decoder (gather k rows) and its backward with
 //!   respect to the code values (`<dy, W_dec[l]>`).
 //! - [`Csc`] + [`accum_rows`]: the transposed (latent-major) view of the active entries,
