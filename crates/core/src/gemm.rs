@@ -158,6 +158,23 @@ pub fn gemm_serial(alpha: f32, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
 
 pub use driver::Tile;
 
+/// A raw pointer that rayon tasks may share to write disjoint elements of one buffer
+/// (the tiled GEMM's shared packed block, the SAE kernels' per-entry outputs). Each use
+/// states why its writes are disjoint.
+#[derive(Clone, Copy)]
+pub struct SyncPtr(pub *mut f32);
+// SAFETY: the wrapper only moves the address between threads; every dereference is an
+// `unsafe` block at the use site that writes elements no other task writes.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its field.
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `A * B` (A m x k, B k x n) consumed tile by tile instead of stored: the product is
 /// cut into the same independent tasks as [`gemm`] (column ranges when `m <= n`); each
 /// task starts from `init(rows, cols)` of its block and gets `tile(state, tile)` for

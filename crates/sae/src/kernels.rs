@@ -21,7 +21,7 @@
 //! Each kernel has a dense or scalar reference in the tests.
 
 use rayon::prelude::*;
-use saelab_core::gemm::{gemm, gemm_tiles, MatMut, MatRef, Tile};
+use saelab_core::gemm::{gemm, gemm_tiles, MatMut, MatRef, SyncPtr, Tile};
 use std::cmp::Ordering;
 
 /// Rows per rayon task in row-parallel kernels.
@@ -656,19 +656,6 @@ pub fn accum_rows(
             }
         });
     sums
-}
-
-/// A raw pointer that may be shared across rayon tasks which write disjoint elements.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not its field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The sparse decoder's backward in latent-major order, so each decoder row (and its

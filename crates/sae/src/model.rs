@@ -285,7 +285,8 @@ mod tests {
 
     #[test]
     fn encode_and_decode_match_dense_reference_across_row_blocks() {
-        // 150 rows span three of encode's parallel row blocks.
+        // 150 rows span three of encode's 64-row selection blocks (ReLU, JumpReLU, gated)
+        // and two of the TopK encoder's 112-row GEMM tiles.
         let (d, f, rows) = (12, 40, 150);
         for (n, arch) in InferenceArch::ALL.into_iter().enumerate() {
             let sae = random_sae(arch, d, f, 10 + n as u64);

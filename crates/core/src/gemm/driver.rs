@@ -14,6 +14,7 @@
 //! otherwise); each task packs its own panels into thread-local buffers, so threads never
 //! share a mutable buffer and no call allocates once the buffers have grown.
 
+use super::SyncPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -558,20 +559,6 @@ struct RowTask<S> {
     abuf: AlignedBuf,
 }
 
-/// A pointer that rayon tasks may share to write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-// SAFETY: users write disjoint ranges only (documented at each use).
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
-
-impl SharedPtr {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not its field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `A * B` delivered as finished tiles to `tile(state, ..)` instead of being written to a
 /// C matrix. C is cut into row tasks (at most two per thread), each with its own
 /// consumer state (from `init(rows, cols)`), so a consumer sees every column of its rows
@@ -630,7 +617,7 @@ pub(crate) unsafe fn gemm_tiles_blocked<K: Kernel, S: Send>(
         }
     };
     let mut bbuf = pool.pop().unwrap_or_default();
-    let bp = SharedPtr(bbuf.ptr(k * nc_t));
+    let bp = SyncPtr(bbuf.ptr(k * nc_t));
     let run = |t: &mut RowTask<S>, jc: usize, nc: usize| {
         let nc_pad = nc.next_multiple_of(K::NR);
         let m_pad = (t.i1 - t.i0).next_multiple_of(K::MR);
