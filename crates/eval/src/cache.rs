@@ -53,10 +53,10 @@ pub struct ActCache {
     pub dir: Option<PathBuf>,
 }
 
-/// FNV-1a 64, for file names.
-fn fnv64(s: &str) -> u64 {
+/// FNV-1a 64: file names, text and token-sequence fingerprints, dataset seeds.
+pub fn fnv64(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
+    for b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -71,7 +71,7 @@ impl ActCache {
     fn path(&self, key: &str) -> Option<PathBuf> {
         self.dir
             .as_ref()
-            .map(|d| d.join(format!("{:016x}.bin", fnv64(key))))
+            .map(|d| d.join(format!("{:016x}.bin", fnv64(key.bytes()))))
     }
 
     /// The entry for `key`, if cached and readable (a corrupt entry is a miss).

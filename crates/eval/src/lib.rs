@@ -317,56 +317,8 @@ mod tests {
     use super::*;
     use crate::lm_api::ToyLm;
     use crate::sparse_probing::tests::class_docs;
-    use crate::testutil::{random_sae, toy_texts, toy_words};
+    use crate::testutil::{random_sae, toy_texts, toy_words, Counting};
     use std::cell::Cell;
-
-    /// Counts the token positions the LM is run on.
-    struct Counting<'a> {
-        inner: &'a ToyLm,
-        tokens: Cell<usize>,
-    }
-
-    impl HookedLm for Counting<'_> {
-        fn name(&self) -> String {
-            self.inner.name()
-        }
-        fn d_model(&self) -> usize {
-            self.inner.d_model()
-        }
-        fn vocab_size(&self) -> usize {
-            self.inner.vocab_size()
-        }
-        fn encode(&self, text: &str) -> Result<Vec<u32>> {
-            self.inner.encode(text)
-        }
-        fn token_text(&self, id: u32) -> String {
-            self.inner.token_text(id)
-        }
-        fn bos_id(&self) -> Option<u32> {
-            self.inner.bos_id()
-        }
-        fn eos_id(&self) -> Option<u32> {
-            self.inner.eos_id()
-        }
-        fn pad_id(&self) -> Option<u32> {
-            self.inner.pad_id()
-        }
-        fn capture(&self, t: &[u32], b: usize, s: usize, h: &str) -> Result<Vec<f32>> {
-            self.tokens.set(self.tokens.get() + t.len());
-            self.inner.capture(t, b, s, h)
-        }
-        fn logits_with_edit(
-            &self,
-            t: &[u32],
-            b: usize,
-            s: usize,
-            h: &str,
-            e: &mut dyn FnMut(&mut [f32], usize, usize),
-        ) -> Result<Vec<f32>> {
-            self.tokens.set(self.tokens.get() + t.len());
-            self.inner.logits_with_edit(t, b, s, h, e)
-        }
-    }
 
     fn options(dir: &Path) -> EvalOptions {
         let words = toy_words();

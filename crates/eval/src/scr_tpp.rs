@@ -14,7 +14,7 @@ use crate::cache::ActCache;
 use crate::lm_api::HookedLm;
 use crate::output::{EvalResult, J};
 use crate::probe::{accuracy, train_adam_probe, AdamProbeConfig, Design, LinearProbe};
-use crate::sparse_probing::{one_vs_rest_tasks, pooled_data, BinaryTask, PooledData};
+use crate::sparse_probing::{dataset_seed, one_vs_rest_tasks, pooled_data, BinaryTask, PooledData};
 use crate::tasks::{gather_codes, gather_rows, pool_ablated, LabeledText, ProbeDataset};
 use anyhow::{bail, Context, Result};
 use saelab_core::rng::Rng;
@@ -192,8 +192,8 @@ pub fn run_tpp(
     }
     let mut acc = vec![[0f64; 3]; cfg.n_values.len()];
     let mut details = Vec::new();
-    for (di, ds) in datasets.iter().enumerate() {
-        let seed = cfg.seed.wrapping_add(1000 + di as u64);
+    for ds in datasets {
+        let seed = dataset_seed(cfg.seed, &ds.name);
         // TPP has no model selection: the validation split is unused (minimum size).
         let ts = one_vs_rest_tasks(
             &ds.name,

@@ -69,6 +69,15 @@ impl Default for SparseProbingConfig {
     }
 }
 
+/// The seed of a dataset's splits, from the run's seed and the dataset's name. TPP
+/// uses the same seed for a dataset that sparse probing also probes: each class's
+/// documents are then shuffled alike, and since both take a prefix of each shuffled
+/// class, TPP's smaller pool lies inside sparse probing's and its LM activations are
+/// reused ([`crate::tasks::collect_doc_acts`]).
+pub fn dataset_seed(seed: u64, name: &str) -> u64 {
+    seed ^ crate::cache::fnv64(name.bytes())
+}
+
 /// A balanced binary task over rows of a document pool.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BinaryTask {
@@ -413,8 +422,8 @@ pub fn run_sparse_probing(
     let (mut llm_all, mut sae_all): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (Vec::new(), Vec::new());
     let mut details = Vec::new();
     let mut per_class = Vec::new();
-    for (di, ds) in datasets.iter().enumerate() {
-        let seed = cfg.seed.wrapping_add(di as u64);
+    for ds in datasets {
+        let seed = dataset_seed(cfg.seed, &ds.name);
         let ts = one_vs_rest_tasks(
             &ds.name,
             &ds.docs,

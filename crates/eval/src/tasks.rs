@@ -232,18 +232,19 @@ impl DocActs {
 
 /// FNV-1a over all texts, so a cache key changes when the texts do.
 pub fn texts_fingerprint<'a>(texts: impl Iterator<Item = &'a str>) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for t in texts {
-        for b in t.bytes().chain(std::iter::once(0xff)) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    let h = crate::cache::fnv64(texts.flat_map(|t| t.bytes().chain(std::iter::once(0xff))));
     format!("{h:016x}")
 }
 
 /// Activations at `hook` of every text's kept tokens (BOS + text, truncated to `ctx`).
 /// Errors on an empty text (it would have no token to pool).
+///
+/// Documents are reused across pools: sparse probing's datasets, TPP's and SCR's draw
+/// from the same corpora (both SOTU tasks and SCR from one set of paragraphs), so a
+/// per-model-and-hook document index ([`DocIndex`]) records where each token
+/// sequence's activations were stored, and only sequences not seen before go through
+/// the LM. A document's activations depend only on its own tokens (causal attention,
+/// padding after them), so a reused document is the one the LM would compute.
 pub fn collect_doc_acts(
     lm: &dyn HookedLm,
     hook: &str,
@@ -284,11 +285,25 @@ pub fn collect_doc_acts(
         }
         seqs.push(ids);
     }
-    // Batch texts of similar length together to limit padding.
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| (seqs[i].len(), i));
     let d = lm.d_model();
-    let mut per_doc: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+    let kept = |s: &[u32]| s.iter().filter(|id| !ignored.contains(id)).count();
+    let index_key = DocIndex::key(&lm.name(), hook);
+    let mut index = DocIndex::load(cache, &index_key);
+    let hashes: Vec<u64> = seqs.iter().map(|s| seq_hash(s)).collect();
+    let mut per_doc = index.reuse(cache, &hashes, d, |i, rows| rows == kept(&seqs[i]));
+    let reused: Vec<bool> = per_doc.iter().map(|v| v.is_some()).collect();
+    let todo: Vec<usize> = (0..seqs.len()).filter(|&i| per_doc[i].is_none()).collect();
+    if todo.len() < seqs.len() {
+        tracing::info!(
+            "eval cache: {} of {} documents reused from earlier pools; LM pass over {}",
+            seqs.len() - todo.len(),
+            seqs.len(),
+            todo.len()
+        );
+    }
+    // Batch texts of similar length together to limit padding.
+    let mut order = todo;
+    order.sort_by_key(|&i| (seqs[i].len(), i));
     for chunk in order.chunks(batch.max(1)) {
         let seq = chunk.iter().map(|&i| seqs[i].len()).max().unwrap();
         let mut toks = vec![lm.fill_id(); chunk.len() * seq];
@@ -304,17 +319,19 @@ pub fn collect_doc_acts(
             );
         }
         for (r, &i) in chunk.iter().enumerate() {
+            let mut v = Vec::with_capacity(kept(&seqs[i]) * d);
             for t in 0..seqs[i].len() {
                 if !ignored.contains(&seqs[i][t]) {
-                    per_doc[i].extend_from_slice(&acts[(r * seq + t) * d..(r * seq + t + 1) * d]);
+                    v.extend_from_slice(&acts[(r * seq + t) * d..(r * seq + t + 1) * d]);
                 }
             }
+            per_doc[i] = Some(v);
         }
     }
     let mut offsets = vec![0usize];
-    let mut all = Vec::with_capacity(per_doc.iter().map(|v| v.len()).sum());
+    let mut all = Vec::with_capacity(per_doc.iter().flatten().map(|v| v.len()).sum());
     for v in per_doc {
-        all.extend_from_slice(&v);
+        all.extend_from_slice(&v.expect("every document reused or computed"));
         offsets.push(all.len() / d);
     }
     let out = DocActs {
@@ -324,8 +341,141 @@ pub fn collect_doc_acts(
     };
     if let Err(e) = cache.store(key, &out.to_blob()) {
         tracing::warn!("could not write eval cache entry: {e:#}");
+    } else {
+        index.add(key, &hashes, &reused);
+        if let Err(e) = cache.store(&index_key, &index.to_blob()) {
+            tracing::warn!("could not write the eval cache's document index: {e:#}");
+        }
     }
     Ok(out)
+}
+
+/// FNV-1a over a token sequence (its length first), the document key of [`DocIndex`].
+fn seq_hash(ids: &[u32]) -> u64 {
+    let len = (ids.len() as u64).to_le_bytes();
+    crate::cache::fnv64(
+        len.into_iter()
+            .chain(ids.iter().flat_map(|id| id.to_le_bytes())),
+    )
+}
+
+/// Where each token sequence's activations were stored: (sequence hash, pool entry,
+/// document index in that entry), one row per distinct sequence, for one model and
+/// hook. An index that is missing, unreadable or points to a pool entry that is gone
+/// only costs LM passes; a reused document is checked for its number of kept tokens.
+#[derive(Debug, Default)]
+struct DocIndex {
+    pools: Vec<String>,
+    hash: Vec<u64>,
+    pool: Vec<u64>,
+    doc: Vec<u64>,
+    known: std::collections::HashMap<u64, usize>,
+}
+
+impl DocIndex {
+    fn key(model: &str, hook: &str) -> String {
+        format!("doc-index-v1|{model}|{hook}")
+    }
+
+    fn load(cache: &ActCache, key: &str) -> DocIndex {
+        let mut ix = DocIndex::default();
+        let Some(b) = cache.load(key) else {
+            return ix;
+        };
+        let pools: Option<Vec<String>> = b.meta["pools"].as_array().map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        });
+        let (Some(pools), Ok(hash), Ok(pool), Ok(doc)) =
+            (pools, b.u64("hash"), b.u64("pool"), b.u64("doc"))
+        else {
+            return ix;
+        };
+        if hash.len() != pool.len()
+            || hash.len() != doc.len()
+            || pool.iter().any(|&p| p as usize >= pools.len())
+        {
+            return ix;
+        }
+        ix.pools = pools;
+        (ix.hash, ix.pool, ix.doc) = (hash.to_vec(), pool.to_vec(), doc.to_vec());
+        ix.known = ix.hash.iter().enumerate().map(|(r, &h)| (h, r)).collect();
+        ix
+    }
+
+    /// Activations of every indexed document among `hashes` (`None` for the others),
+    /// read from the pool entries that hold them, each entry loaded once. `fits(i,
+    /// rows)` checks a found document against the sequence it should be.
+    fn reuse(
+        &self,
+        cache: &ActCache,
+        hashes: &[u64],
+        d: usize,
+        fits: impl Fn(usize, usize) -> bool,
+    ) -> Vec<Option<Vec<f32>>> {
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; hashes.len()];
+        let mut by_pool: BTreeMap<u64, Vec<(usize, usize)>> = BTreeMap::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if let Some(&r) = self.known.get(h) {
+                by_pool
+                    .entry(self.pool[r])
+                    .or_default()
+                    .push((i, self.doc[r] as usize));
+            }
+        }
+        for (p, wanted) in by_pool {
+            let key = &self.pools[p as usize];
+            let Some(acts) = cache.load(key).and_then(|b| DocActs::from_blob(b).ok()) else {
+                continue;
+            };
+            if acts.d != d {
+                continue;
+            }
+            for (i, j) in wanted {
+                if j < acts.n_docs() && fits(i, acts.offsets[j + 1] - acts.offsets[j]) {
+                    out[i] = Some(acts.doc(j).to_vec());
+                }
+            }
+        }
+        out
+    }
+
+    /// Record the documents of the pool entry `key`: the ones the index did not know,
+    /// and the ones it knew but could not reuse (their old entry is gone or stale).
+    fn add(&mut self, key: &str, hashes: &[u64], reused: &[bool]) {
+        let p = match self.pools.iter().position(|k| k == key) {
+            Some(p) => p,
+            None => {
+                self.pools.push(key.to_string());
+                self.pools.len() - 1
+            }
+        };
+        for (j, (&h, &was_reused)) in hashes.iter().zip(reused).enumerate() {
+            match self.known.get(&h) {
+                Some(_) if was_reused => {}
+                Some(&r) => (self.pool[r], self.doc[r]) = (p as u64, j as u64),
+                None => {
+                    self.known.insert(h, self.hash.len());
+                    self.hash.push(h);
+                    self.pool.push(p as u64);
+                    self.doc.push(j as u64);
+                }
+            }
+        }
+    }
+
+    fn to_blob(&self) -> Blob {
+        Blob {
+            f32s: Vec::new(),
+            u64s: vec![
+                ("hash".into(), self.hash.clone()),
+                ("pool".into(), self.pool.clone()),
+                ("doc".into(), self.doc.clone()),
+            ],
+            meta: serde_json::json!({ "pools": self.pools }),
+        }
+    }
 }
 
 /// Mean LM activation per document, [n_docs, d].
@@ -459,7 +609,7 @@ pub fn gather_codes(c: &SparseCodes, rows: &[usize]) -> SparseCodes {
 mod tests {
     use super::*;
     use crate::lm_api::ToyLm;
-    use crate::testutil::random_sae;
+    use crate::testutil::{random_sae, Counting};
 
     #[test]
     fn csv_and_jsonl_user_tasks() {
@@ -489,6 +639,60 @@ mod tests {
             .to_string()
             .contains("no string field"));
         assert!(load_labeled_file(&dir.join("t.txt"), "text").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn documents_are_reused_across_pools() {
+        let toy = ToyLm::new(&["alpha", "beta", "gamma", "delta"], 6, 1, 5);
+        let lm = Counting {
+            inner: &toy,
+            tokens: std::cell::Cell::new(0),
+        };
+        let dir = std::env::temp_dir().join(format!("saelab-docreuse-{}", std::process::id()));
+        let cache = ActCache::new(Some(dir.clone()));
+        let hook = "blocks.0.hook_resid_post";
+        let docs = [
+            "alpha beta",
+            "gamma gamma gamma alpha",
+            "beta delta",
+            "delta alpha gamma",
+            "beta",
+        ];
+        let fresh_at = |texts: &[&str], ctx: usize| {
+            collect_doc_acts(&toy, hook, texts, ctx, 2, &ActCache::default(), "x").unwrap()
+        };
+        let fresh = |texts: &[&str]| fresh_at(texts, 8);
+        let a = collect_doc_acts(&lm, hook, &docs[..3], 8, 2, &cache, "pool-a").unwrap();
+        assert_eq!(
+            lm.tokens.get(),
+            2 * 3 + 5,
+            "the two short documents share a batch"
+        );
+        assert_eq!(a, fresh(&docs[..3]));
+        // A second pool (another key) with two known documents runs the LM on the
+        // other two only, and equals the pool computed from scratch.
+        lm.tokens.set(0);
+        let pool_b = [docs[3], docs[1], docs[4], docs[2]];
+        let b = collect_doc_acts(&lm, hook, &pool_b, 8, 2, &cache, "pool-b").unwrap();
+        assert_eq!(lm.tokens.get(), 2 * 4, "docs 3 and 4 in one padded batch");
+        assert_eq!(b, fresh(&pool_b));
+        // The same texts at a shorter context are other sequences: no reuse.
+        lm.tokens.set(0);
+        let c = collect_doc_acts(&lm, hook, &docs[1..2], 3, 2, &cache, "pool-c").unwrap();
+        assert_eq!(lm.tokens.get(), 3);
+        assert_eq!(c, fresh_at(&docs[1..2], 3));
+        // A pool entry that is gone costs an LM pass, then the index points to the
+        // new entry.
+        std::fs::remove_dir_all(&dir).unwrap();
+        lm.tokens.set(0);
+        let d = collect_doc_acts(&lm, hook, &docs[..1], 8, 2, &cache, "pool-d").unwrap();
+        assert_eq!(lm.tokens.get(), 3);
+        assert_eq!(d, fresh(&docs[..1]));
+        lm.tokens.set(0);
+        let e = collect_doc_acts(&lm, hook, &docs[..1], 8, 2, &cache, "pool-e").unwrap();
+        assert_eq!(lm.tokens.get(), 0);
+        assert_eq!(e, d);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,7 +1,10 @@
 //! Helpers shared by the unit tests.
 
+use crate::lm_api::{HookedLm, ToyLm};
+use anyhow::Result;
 use saelab_core::rng::Rng;
 use saelab_sae::model::{InferenceArch, Sae, SaeMetadata};
+use std::cell::Cell;
 
 /// A random ReLU SAE (b_dec = 0.1 everywhere).
 pub fn random_sae(d: usize, f: usize, seed: u64) -> Sae {
@@ -81,4 +84,52 @@ pub fn toy_texts(words: &[String], n: usize, seed: u64) -> Vec<String> {
                 .join(" ")
         })
         .collect()
+}
+
+/// Counts the token positions the LM is run on.
+pub struct Counting<'a> {
+    pub inner: &'a ToyLm,
+    pub tokens: Cell<usize>,
+}
+
+impl HookedLm for Counting<'_> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn d_model(&self) -> usize {
+        self.inner.d_model()
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner.encode(text)
+    }
+    fn token_text(&self, id: u32) -> String {
+        self.inner.token_text(id)
+    }
+    fn bos_id(&self) -> Option<u32> {
+        self.inner.bos_id()
+    }
+    fn eos_id(&self) -> Option<u32> {
+        self.inner.eos_id()
+    }
+    fn pad_id(&self) -> Option<u32> {
+        self.inner.pad_id()
+    }
+    fn capture(&self, t: &[u32], b: usize, s: usize, h: &str) -> Result<Vec<f32>> {
+        self.tokens.set(self.tokens.get() + t.len());
+        self.inner.capture(t, b, s, h)
+    }
+    fn logits_with_edit(
+        &self,
+        t: &[u32],
+        b: usize,
+        s: usize,
+        h: &str,
+        e: &mut dyn FnMut(&mut [f32], usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.tokens.set(self.tokens.get() + t.len());
+        self.inner.logits_with_edit(t, b, s, h, e)
+    }
 }

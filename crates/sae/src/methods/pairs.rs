@@ -131,7 +131,6 @@ pub struct Scratch {
     pub acc: Vec<(u32, f32)>,
     /// Per-partner gradient weight set by the method between the two passes.
     pub w: Vec<f32>,
-    pub pos: Vec<u32>,
     pub touched: Vec<u32>,
     pub ema_val: Vec<[f32; 2]>,
 }
@@ -141,7 +140,6 @@ impl Scratch {
         Scratch {
             acc: vec![(0, 0.0); f],
             w: vec![0.0; f],
-            pos: vec![u32::MAX; f],
             touched: Vec::with_capacity(1024),
             ema_val: vec![[0.0; 2]; f],
         }
@@ -203,7 +201,7 @@ impl Scratch {
 thread_local! {
     /// Each rayon worker keeps its O(F) scratch between steps (allocating and zeroing
     /// ~0.4 MB per chunk per step was a measurable share of the penalty's time). The
-    /// scratch is always left reset (accumulators zero, `pos` all `u32::MAX`).
+    /// scratch is always left reset (accumulators zero).
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
@@ -226,15 +224,15 @@ pub const CHUNKS: usize = 16;
 /// `want_grad`, the gradient indexed by sorted position (see [`Csc::orig`]).
 pub fn run_latents<R: Send>(
     csc: &Csc,
-    lists: Option<&mut [Vec<PairEntry>]>,
+    lists: Option<&mut [PairTable]>,
     diag: bool,
     want_grad: bool,
-    visit: impl Fn(&mut Scratch, usize, Option<&mut Vec<PairEntry>>) -> R + Sync,
+    visit: impl Fn(&mut Scratch, usize, Option<&mut PairTable>) -> R + Sync,
 ) -> (Vec<R>, Vec<f32>) {
     let f = csc.d_sae;
     let nnz = csc.idx.len();
     let per = f.div_ceil(CHUNKS).max(1);
-    let mut chunk_lists: Vec<Option<&mut [Vec<PairEntry>]>> = Vec::with_capacity(CHUNKS);
+    let mut chunk_lists: Vec<Option<&mut [PairTable]>> = Vec::with_capacity(CHUNKS);
     match lists {
         Some(l) => {
             assert_eq!(l.len(), f, "pair statistics built for another d_sae");
@@ -310,6 +308,133 @@ pub fn row_sample(codes: &SparseCodes, stride: usize) -> SparseCodes {
     out
 }
 
+/// One latent's stored pairs: an open-addressing hash table keyed by the partner `j`
+/// (linear probing, capacity a power of two, empty slots marked by `j = u32::MAX`), so
+/// an update touches only the batch's partners, not every stored pair. Entries are
+/// never removed one by one: a table is rebuilt without its dead entries when it
+/// fills to half its capacity, to a quarter-full capacity, so the O(capacity) rebuild
+/// is paid once per O(capacity) insertions.
+#[derive(Clone, Debug, Default)]
+pub struct PairTable {
+    slots: Vec<PairEntry>,
+    len: usize,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl PairTable {
+    /// Stored entries (including dead ones not yet dropped by a rebuild).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Allocated slots (16 bytes each).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The stored entries, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = &PairEntry> {
+        self.slots.iter().filter(|e| e.j != EMPTY)
+    }
+
+    pub fn clear(&mut self) {
+        *self = PairTable::default();
+    }
+
+    #[inline]
+    fn home(j: u32, mask: usize) -> usize {
+        (j.wrapping_mul(0x9E37_79B1) as usize >> 7) & mask
+    }
+
+    /// The slot holding `j`, or the empty slot where it would go (`false`). The table
+    /// must have at least one empty slot.
+    #[inline]
+    fn probe(&self, j: u32) -> (usize, bool) {
+        let mask = self.slots.len() - 1;
+        let mut s = Self::home(j, mask);
+        loop {
+            let k = self.slots[s].j;
+            if k == j {
+                return (s, true);
+            }
+            if k == EMPTY {
+                return (s, false);
+            }
+            s = (s + 1) & mask;
+        }
+    }
+
+    /// The entry of `j`, if stored.
+    pub fn get(&self, j: u32) -> Option<&PairEntry> {
+        if self.len == 0 {
+            return None;
+        }
+        match self.probe(j) {
+            (s, true) => Some(&self.slots[s]),
+            _ => None,
+        }
+    }
+
+    /// Keep the entries for which `keep` holds, in a table sized for them plus `extra`
+    /// insertions at a load of at most 1/4; returns the number dropped.
+    pub fn rebuild(&mut self, extra: usize, mut keep: impl FnMut(&PairEntry) -> bool) -> usize {
+        let old = std::mem::take(&mut self.slots);
+        let before = self.len;
+        let kept: Vec<PairEntry> = old
+            .into_iter()
+            .filter(|e| e.j != EMPTY && keep(e))
+            .collect();
+        self.len = 0;
+        let want = 4 * (kept.len() + extra);
+        if want > 0 {
+            self.slots = vec![
+                PairEntry {
+                    j: EMPTY,
+                    last: 0,
+                    v: [0.0; 2],
+                };
+                want.next_power_of_two().max(16)
+            ];
+        }
+        for e in kept {
+            let (s, _) = self.probe(e.j);
+            self.slots[s] = e;
+            self.len += 1;
+        }
+        before - self.len
+    }
+
+    /// Insert an entry whose partner is not stored yet (room must have been made).
+    fn insert_at(&mut self, slot: usize, e: PairEntry) {
+        debug_assert_eq!(self.slots[slot].j, EMPTY);
+        self.slots[slot] = e;
+        self.len += 1;
+    }
+
+    /// A table holding exactly `entries` (distinct partners).
+    pub fn from_entries(entries: Vec<PairEntry>) -> PairTable {
+        let mut t = PairTable {
+            slots: entries,
+            len: 0,
+        };
+        t.len = t.slots.len();
+        t.rebuild(0, |_| true);
+        t
+    }
+}
+
+/// Equal when both hold the same entries (slot layout aside).
+impl PartialEq for PairTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().all(|e| other.get(e.j) == Some(e))
+    }
+}
+
 const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA1";
 
 /// One stored pair statistic, in the list of its first latent `i`: `v` holds two
@@ -333,17 +458,20 @@ pub struct PairEntry {
 ///
 /// Eviction (bounded memory):
 /// 1. an entry whose decayed value (the larger of its two numbers) is below `epsilon`
-///    reads as 0 and is dropped when its latent is next updated;
+///    reads as 0 and is dropped when its latent's table is next rebuilt (see
+///    [`PairTable`]: when the table is half full);
 /// 2. when the total number of entries exceeds `max_entries`, the smallest decayed
 ///    entries are dropped until about `3/4 * max_entries` remain (exactly, below 256k
 ///    entries; above, the cutoff value is estimated from a strided sample of 256k
 ///    entries, so the count kept is within sampling error of the target). The
 ///    hysteresis makes the O(entries) pass rarer.
 ///
-/// Memory: 16 bytes per entry, so `max_entries = 8_000_000` is at most 128 MB.
+/// Memory: 16 bytes per slot and at most 4 slots per entry right after a rebuild
+/// (2 when a table is due for one), so `max_entries = 8_000_000` stays below 512 MB
+/// (the stored entries count the dead ones not yet dropped, so the bound holds).
 #[derive(Clone, Debug)]
 pub struct PairEma {
-    pub lists: Vec<Vec<PairEntry>>,
+    pub lists: Vec<PairTable>,
     pub momentum: f32,
     pub epsilon: f32,
     pub max_entries: usize,
@@ -356,7 +484,7 @@ pub struct PairEma {
 impl PairEma {
     pub fn new(f: usize, momentum: f32, epsilon: f32, max_entries: usize) -> PairEma {
         PairEma {
-            lists: vec![Vec::new(); f],
+            lists: vec![PairTable::default(); f],
             momentum,
             epsilon,
             max_entries,
@@ -386,33 +514,22 @@ impl PairEma {
         }
     }
 
-    /// Update latent `i`'s list for update index `t` (the caller increments `t` once per
-    /// batch via [`PairEma::begin`]). `touched` are the latents whose batch value is
+    /// Update latent `i`'s table for update index `t` (the caller increments `t` once
+    /// per batch via [`PairEma::begin`]). `touched` are the latents whose batch value is
     /// `batch(j)`; on return `scratch_val[j]` holds the new EMA for every touched `j`.
-    /// Static helper so it can run on a `&mut` list while `self` is shared.
-    // The scratch buffers are passed separately because the caller's closure borrows
-    // other fields of the same scratch.
-    #[allow(clippy::too_many_arguments)]
+    /// Only the touched partners are looked up (the table is hashed by partner), so
+    /// the cost is O(touched), plus an occasional rebuild that drops dead entries.
+    /// Static helper so it can run on a `&mut` table while `self` is shared.
     pub fn update_list(
         momentum: f32,
         epsilon: f32,
         t: u32,
-        list: &mut Vec<PairEntry>,
+        table: &mut PairTable,
         touched: &[u32],
-        pos: &mut [u32],
         scratch_val: &mut [[f32; 2]],
         mut batch: impl FnMut(u32) -> [f32; 2],
     ) {
         let m = momentum;
-        if t == 1 {
-            // First batch: e_1 = x_1.
-            for &j in touched {
-                let b = batch(j);
-                list.push(PairEntry { j, last: t, v: b });
-                scratch_val[j as usize] = b;
-            }
-            return;
-        }
         // m^d by table for the usual small ages d (powi was a visible share of the time).
         let mut tbl = [1f32; 64];
         for d in 1..64 {
@@ -425,22 +542,20 @@ impl PairEma {
                 m.powi(d as i32)
             }
         };
-        // One pass over the stored list (it is usually several times longer than the
-        // batch's partners): index the touched latents, not the list, then update,
-        // decay-check and compact the list in place. Entries keep their order and new
-        // pairs are appended in touched order.
-        for (k, &j) in touched.iter().enumerate() {
-            pos[j as usize] = k as u32;
+        // Room for every touched partner at a load of at most 1/2; a rebuild drops the
+        // entries that read as zero before this update (rule 1: they would be
+        // treated as zero anyway, and their value only decays).
+        if 2 * (table.len() + touched.len()) > table.capacity() {
+            table.rebuild(touched.len(), |e| {
+                e.v[0].max(e.v[1]) * pow(t - 1 - e.last) >= epsilon
+            });
         }
-        // Marks a touched latent whose entry was found in the list.
-        const SEEN: u32 = u32::MAX - 1;
-        let mut kept = 0;
-        for r in 0..list.len() {
-            let mut e = list[r];
-            let p = pos[e.j as usize];
-            if p != u32::MAX && p != SEEN {
+        for &j in touched {
+            let b = batch(j);
+            let (slot, found) = table.probe(j);
+            if t > 1 && found {
                 // Value after update t-1, then one EMA step with x_t = b.
-                let b = batch(e.j);
+                let e = &mut table.slots[slot];
                 let f = pow(t - 1 - e.last);
                 let mut prev = [e.v[0] * f, e.v[1] * f];
                 if prev[0].max(prev[1]) < epsilon {
@@ -451,25 +566,17 @@ impl PairEma {
                     m * prev[1] + (1.0 - m) * b[1],
                 ];
                 e.last = t;
-                scratch_val[e.j as usize] = e.v;
-                pos[e.j as usize] = SEEN;
-            }
-            // Rule 1: drop entries that now read as zero.
-            if e.v[0].max(e.v[1]) * pow(t - e.last) >= epsilon {
-                list[kept] = e;
-                kept += 1;
-            }
-        }
-        list.truncate(kept);
-        for &j in touched {
-            let seen = pos[j as usize] == SEEN;
-            pos[j as usize] = u32::MAX;
-            if !seen {
-                let b = batch(j);
-                let new = [(1.0 - m) * b[0], (1.0 - m) * b[1]];
+                scratch_val[j as usize] = e.v;
+            } else {
+                // First batch: e_1 = x_1; later, a new pair starts from 0.
+                let new = if t == 1 {
+                    b
+                } else {
+                    [(1.0 - m) * b[0], (1.0 - m) * b[1]]
+                };
                 scratch_val[j as usize] = new;
-                if new[0].max(new[1]) >= epsilon {
-                    list.push(PairEntry { j, last: t, v: new });
+                if t == 1 || new[0].max(new[1]) >= epsilon {
+                    table.insert_at(slot, PairEntry { j, last: t, v: new });
                 }
             }
         }
@@ -486,7 +593,7 @@ impl PairEma {
         out.extend_from_slice(&self.evicted.to_le_bytes());
         for l in &self.lists {
             out.extend_from_slice(&(l.len() as u32).to_le_bytes());
-            for e in l {
+            for e in l.iter() {
                 out.extend_from_slice(&e.j.to_le_bytes());
                 out.extend_from_slice(&e.last.to_le_bytes());
                 out.extend_from_slice(&e.v[0].to_le_bytes());
@@ -541,7 +648,7 @@ impl PairEma {
                     ],
                 });
             }
-            lists.push(l);
+            lists.push(PairTable::from_entries(l));
         }
         if !r.is_empty() {
             bail!(
@@ -588,11 +695,11 @@ impl PairEma {
         let mut skip = 0usize;
         for l in &self.lists {
             let mut k = skip;
-            while k < l.len() {
-                sample.push(value(&l[k]));
+            for e in l.iter().skip(skip).step_by(stride) {
+                sample.push(value(e));
                 k += stride;
             }
-            skip = k - l.len();
+            skip = k.saturating_sub(l.len());
         }
         // Keep the `target` largest: cutoff = the (total - target)-th smallest value;
         // everything <= cutoff goes (ties go too).
@@ -603,11 +710,7 @@ impl PairEma {
             .lists
             .par_iter_mut()
             .with_min_len(256)
-            .map(|l| {
-                let before = l.len();
-                l.retain(|e| value(e) > cut);
-                before - l.len()
-            })
+            .map(|l| l.rebuild(0, |e| value(e) > cut))
             .sum();
         self.evicted += dropped as u64;
     }
@@ -730,7 +833,6 @@ mod tests {
     fn ema_bound_drops_smallest_pairs() {
         let mut ema = PairEma::new(4, 0.5, 0.0, 3);
         let t = ema.begin();
-        let mut pos = vec![u32::MAX; 4];
         let mut sv = vec![[0f32; 2]; 4];
         // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3: 4 entries > 3 -> keep 2.
         let vals = |a: u32, b: u32| -> f32 {
@@ -745,7 +847,7 @@ mod tests {
         let nbrs: [&[u32]; 4] = [&[1, 2], &[3], &[3], &[]];
         let (m, e) = (ema.momentum, ema.epsilon);
         for (i, list) in ema.lists.iter_mut().enumerate() {
-            PairEma::update_list(m, e, t, list, nbrs[i], &mut pos, &mut sv, |j| {
+            PairEma::update_list(m, e, t, list, nbrs[i], &mut sv, |j| {
                 [vals(i as u32, j), 0.0]
             });
         }
@@ -761,7 +863,7 @@ mod tests {
         assert_eq!(ema.evicted, 2);
         // Lazy decay: one update later, (0,1) reads 0.9 * 0.5.
         ema.begin();
-        assert!((ema.read(&ema.lists[0][0])[0] - 0.45).abs() < 1e-7);
+        assert!((ema.read(ema.lists[0].get(1).unwrap())[0] - 0.45).abs() < 1e-7);
         let bytes = ema.to_bytes();
         let mut back = PairEma::new(4, 0.5, 0.0, 3);
         back.load_bytes(&bytes).unwrap();

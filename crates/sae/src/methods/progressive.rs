@@ -189,16 +189,9 @@ pub fn sparse_penalty(
             let batch = |j: u32, c: u32| [c as f32 * inv_counts[j as usize], c as f32 * inv_i];
             if let (true, Some(list)) = (use_ema, list) {
                 let acc = &s.acc;
-                PairEma::update_list(
-                    mom,
-                    eps,
-                    t,
-                    list,
-                    &s.touched,
-                    &mut s.pos,
-                    &mut s.ema_val,
-                    |j| batch(j, acc[j as usize].0),
-                );
+                PairEma::update_list(mom, eps, t, list, &s.touched, &mut s.ema_val, |j| {
+                    batch(j, acc[j as usize].0)
+                });
             } else {
                 for &j in &s.touched {
                     s.ema_val[j as usize] = batch(j, s.acc[j as usize].0);
@@ -553,7 +546,7 @@ mod tests {
         }
         // Stored values equal the dense EMA of every pair that was ever seen.
         for (i, l) in ema.lists.iter().enumerate() {
-            for e in l {
+            for e in l.iter() {
                 let v = ema.read(e);
                 let j = e.j as usize;
                 assert!((v[0] as f64 - dense_ema[i * f + j]).abs() < 1e-5);

@@ -481,23 +481,14 @@ pub fn interference_candidates(
         |s, i, list| {
             let list = list.expect("lists given");
             let acc = &s.acc;
-            PairEma::update_list(
-                m,
-                eps,
-                t,
-                list,
-                &s.touched,
-                &mut s.pos,
-                &mut s.ema_val,
-                |j| {
-                    let d = acc[j as usize].1;
-                    let x = match statistic {
-                        Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
-                        Statistic::SecondMoment => d * inv_b,
-                    };
-                    [x, x]
-                },
-            );
+            PairEma::update_list(m, eps, t, list, &s.touched, &mut s.ema_val, |j| {
+                let d = acc[j as usize].1;
+                let x = match statistic {
+                    Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
+                    Statistic::SecondMoment => d * inv_b,
+                };
+                [x, x]
+            });
             let mut out = Vec::new();
             for &j in &s.touched {
                 let a = s.ema_val[j as usize][0] - tau;
@@ -728,7 +719,7 @@ impl SelfCorrecting {
         let tau = self.cfg.penalty.tau as f32;
         let mut trip = Vec::new();
         for (i, l) in self.ema.lists.iter().enumerate() {
-            for e in l {
+            for e in l.iter() {
                 if e.j as usize != i {
                     let a = self.ema.read(e)[0] - tau;
                     if a > 0.0 {
@@ -769,7 +760,7 @@ impl SelfCorrecting {
             self.ema.lists[d as usize].clear();
         }
         for l in &mut self.ema.lists {
-            l.retain(|e| !gone[e.j as usize]);
+            l.rebuild(0, |e| !gone[e.j as usize]);
         }
     }
 
