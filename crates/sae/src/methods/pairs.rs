@@ -346,9 +346,11 @@ impl PairTable {
         *self = PairTable::default();
     }
 
+    /// Fibonacci hashing: the top bits of `j * 2^32 / phi` (the capacity is a power
+    /// of two, at least 16).
     #[inline]
-    fn home(j: u32, mask: usize) -> usize {
-        (j.wrapping_mul(0x9E37_79B1) as usize >> 7) & mask
+    fn home(j: u32, bits: u32) -> usize {
+        (j.wrapping_mul(0x9E37_79B1) >> (32 - bits)) as usize
     }
 
     /// The slot holding `j`, or the empty slot where it would go (`false`). The table
@@ -356,7 +358,7 @@ impl PairTable {
     #[inline]
     fn probe(&self, j: u32) -> (usize, bool) {
         let mask = self.slots.len() - 1;
-        let mut s = Self::home(j, mask);
+        let mut s = Self::home(j, self.slots.len().trailing_zeros());
         loop {
             let k = self.slots[s].j;
             if k == j {
@@ -547,7 +549,7 @@ impl PairEma {
         // treated as zero anyway, and their value only decays).
         if 2 * (table.len() + touched.len()) > table.capacity() {
             table.rebuild(touched.len(), |e| {
-                e.v[0].max(e.v[1]) * pow(t - 1 - e.last) >= epsilon
+                e.v[0].max(e.v[1]) * pow((t - 1).saturating_sub(e.last)) >= epsilon
             });
         }
         for &j in touched {

@@ -35,7 +35,8 @@ pub struct ProgressiveConfig {
     pub ema_momentum: f64,
     /// EMA entries whose value falls below this are dropped; default 0.01.
     pub ema_epsilon: f64,
-    /// At most this many stored EMA entries (16 bytes each); default 8M (128 MB).
+    /// At most this many stored EMA entries (16 bytes each, in hash tables of at most
+    /// 4 slots per entry); default 8M (at most 512 MB).
     pub ema_max_entries: usize,
     /// Whether `i == j` terms count (the research's dense code included them: they
     /// penalise `||f_i||^2`); default false.
