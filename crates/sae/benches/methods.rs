@@ -60,19 +60,21 @@ fn synth_codes(rng: &mut Rng, b: usize, f: usize, k: usize, zipf: f64) -> Sparse
 /// A whole TopK training step (the trainer of `saelab_sae::trainer`, F = 16384, k = 40,
 /// B = 2048, d_in = 576 as SmolLM2-135M) without and with each method's hooks. Steps of
 /// the two models alternate, so slow phases of other load hit both alike.
-fn step_overhead(reps: usize) {
+fn step_overhead(reps: usize, presets: &[&str], sweep: bool) {
     let (f, k, b, d) = (16384usize, 40usize, 2048usize, 576usize);
-    let steps = reps.max(4);
+    let steps = if sweep { 3 * reps.max(4) } else { reps.max(4) };
     let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
     let cfg = TrainConfig {
         architecture: Architecture::Topk,
         d_sae: f,
         k,
         batch_size: b,
-        total_tokens: (b * 1000) as u64,
+        // `sweep`: the timed steps cover training progress p from 0 to 1 (the schedules,
+        // and the pair statistics that follow them, change with p); otherwise p ~ 0.
+        total_tokens: (b * if sweep { steps + 2 } else { 1000 }) as u64,
         ..Default::default()
     };
-    for preset in ["progressive", "static_control", "self_correcting_no_gate"] {
+    for &preset in presets {
         let mut plain = TrainSae::new(&cfg, d, 1000).expect("plain model");
         let mut with = TrainSae::new(&cfg, d, 1000).expect("method model");
         let mut none = TrainHooks::default();
@@ -96,8 +98,20 @@ fn step_overhead(reps: usize) {
             plain.train_step(xb, &mut none).expect("plain step");
             let a = t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();
-            with.train_step(xb, &mut hooks).expect("method step");
+            let sm = with.train_step(xb, &mut hooks).expect("method step");
             let m = t.elapsed().as_secs_f64() * 1e3;
+            if std::env::var_os("SAELAB_BENCH_METRICS").is_some() {
+                let ex: Vec<String> = sm
+                    .extra
+                    .iter()
+                    .map(|(n, v)| format!("{n}={v:.4}"))
+                    .collect();
+                println!(
+                    "    step {s} (p {:.2}): plain {a:.1} ms, method {m:.1} ms, {}",
+                    sm.p,
+                    ex.join(" ")
+                );
+            }
             if s >= 2 {
                 tp.push(a);
                 tm.push(m);
@@ -107,12 +121,14 @@ fn step_overhead(reps: usize) {
         tm.sort_by(|a, b| a.total_cmp(b));
         let (pm, mm) = (tp[tp.len() / 2], tm[tm.len() / 2]);
         println!(
-            "TopK step d_in={d} F={f} k={k} B={b}, {steps} alternating steps: plain median {pm:.1} ms (min {:.1}), \
-             with {preset} median {mm:.1} ms (min {:.1}); ratio of medians {:.3}, of minima {:.3}",
+            "TopK step d_in={d} F={f} k={k} B={b}, {steps} alternating steps{}: plain median {pm:.1} ms (min {:.1}), \
+             with {preset} median {mm:.1} ms (min {:.1}); ratio of medians {:.3}, of minima {:.3}, of sums {:.3}",
+            if sweep { " over p = 0..1" } else { "" },
             tp[0],
             tm[0],
             mm / pm,
-            tm[0] / tp[0]
+            tm[0] / tp[0],
+            tm.iter().sum::<f64>() / tp.iter().sum::<f64>()
         );
         let (pp, wp) = (plain.profile.take().unwrap(), with.profile.take().unwrap());
         for (name, t) in &wp {
@@ -303,7 +319,14 @@ fn main() {
     }
 
     if run("step") {
-        step_overhead(reps);
+        // `step PRESET...` times only the named presets.
+        let all = ["progressive", "static_control", "self_correcting_no_gate"];
+        let named: Vec<&str> = all
+            .into_iter()
+            .filter(|p| args.iter().any(|a| a == p))
+            .collect();
+        let sweep = args.iter().any(|a| a == "sweep");
+        step_overhead(reps, if named.is_empty() { &all } else { &named }, sweep);
     }
     if !run("m2") {
         println!("load average at end: {}", loadavg());

@@ -131,6 +131,7 @@ pub struct Scratch {
     pub acc: Vec<(u32, f32)>,
     /// Per-partner gradient weight set by the method between the two passes.
     pub w: Vec<f32>,
+    pub pos: Vec<u32>,
     pub touched: Vec<u32>,
     pub ema_val: Vec<[f32; 2]>,
 }
@@ -140,6 +141,7 @@ impl Scratch {
         Scratch {
             acc: vec![(0, 0.0); f],
             w: vec![0.0; f],
+            pos: vec![u32::MAX; f],
             touched: Vec::with_capacity(1024),
             ema_val: vec![[0.0; 2]; f],
         }
@@ -201,7 +203,7 @@ impl Scratch {
 thread_local! {
     /// Each rayon worker keeps its O(F) scratch between steps (allocating and zeroing
     /// ~0.4 MB per chunk per step was a measurable share of the penalty's time). The
-    /// scratch is always left reset (accumulators zero).
+    /// scratch is always left reset (accumulators zero, `pos` all `u32::MAX`).
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
@@ -224,15 +226,15 @@ pub const CHUNKS: usize = 16;
 /// `want_grad`, the gradient indexed by sorted position (see [`Csc::orig`]).
 pub fn run_latents<R: Send>(
     csc: &Csc,
-    lists: Option<&mut [PairTable]>,
+    lists: Option<&mut [Vec<PairEntry>]>,
     diag: bool,
     want_grad: bool,
-    visit: impl Fn(&mut Scratch, usize, Option<&mut PairTable>) -> R + Sync,
+    visit: impl Fn(&mut Scratch, usize, Option<&mut Vec<PairEntry>>) -> R + Sync,
 ) -> (Vec<R>, Vec<f32>) {
     let f = csc.d_sae;
     let nnz = csc.idx.len();
     let per = f.div_ceil(CHUNKS).max(1);
-    let mut chunk_lists: Vec<Option<&mut [PairTable]>> = Vec::with_capacity(CHUNKS);
+    let mut chunk_lists: Vec<Option<&mut [Vec<PairEntry>]>> = Vec::with_capacity(CHUNKS);
     match lists {
         Some(l) => {
             assert_eq!(l.len(), f, "pair statistics built for another d_sae");
@@ -308,136 +310,20 @@ pub fn row_sample(codes: &SparseCodes, stride: usize) -> SparseCodes {
     out
 }
 
-/// One latent's stored pairs: an open-addressing hash table keyed by the partner `j`
-/// (linear probing, capacity a power of two, empty slots marked by `j = u32::MAX`), so
-/// an update touches only the batch's partners, not every stored pair. Entries are
-/// never removed one by one: a table is rebuilt without its dead entries when it
-/// fills to half its capacity, to a quarter-full capacity, so the O(capacity) rebuild
-/// is paid once per O(capacity) insertions.
-#[derive(Clone, Debug, Default)]
-pub struct PairTable {
-    slots: Vec<PairEntry>,
-    len: usize,
+const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA2";
+/// The format before the pending cutoff of rule 2 was saved (read as "no cutoff").
+const PEMA_MAGIC_V1: &[u8] = b"SAELAB-PAIR-EMA1";
+
+/// The parameters of one update's per-latent walks (see [`PairEma::walk`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Walk {
+    pub momentum: f32,
+    pub epsilon: f32,
+    /// The update index.
+    pub t: u32,
+    /// Rule 2's pending cutoff, as a value at update `t`.
+    pub cut: Option<f32>,
 }
-
-const EMPTY: u32 = u32::MAX;
-
-impl PairTable {
-    /// Stored entries (including dead ones not yet dropped by a rebuild).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Allocated slots (16 bytes each).
-    pub fn capacity(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// The stored entries, in slot order.
-    pub fn iter(&self) -> impl Iterator<Item = &PairEntry> {
-        self.slots.iter().filter(|e| e.j != EMPTY)
-    }
-
-    pub fn clear(&mut self) {
-        *self = PairTable::default();
-    }
-
-    /// Fibonacci hashing: the top bits of `j * 2^32 / phi` (the capacity is a power
-    /// of two, at least 16).
-    #[inline]
-    fn home(j: u32, bits: u32) -> usize {
-        (j.wrapping_mul(0x9E37_79B1) >> (32 - bits)) as usize
-    }
-
-    /// The slot holding `j`, or the empty slot where it would go (`false`). The table
-    /// must have at least one empty slot.
-    #[inline]
-    fn probe(&self, j: u32) -> (usize, bool) {
-        let mask = self.slots.len() - 1;
-        let mut s = Self::home(j, self.slots.len().trailing_zeros());
-        loop {
-            let k = self.slots[s].j;
-            if k == j {
-                return (s, true);
-            }
-            if k == EMPTY {
-                return (s, false);
-            }
-            s = (s + 1) & mask;
-        }
-    }
-
-    /// The entry of `j`, if stored.
-    pub fn get(&self, j: u32) -> Option<&PairEntry> {
-        if self.len == 0 {
-            return None;
-        }
-        match self.probe(j) {
-            (s, true) => Some(&self.slots[s]),
-            _ => None,
-        }
-    }
-
-    /// Keep the entries for which `keep` holds, in a table sized for them plus `extra`
-    /// insertions at a load of at most 1/4; returns the number dropped.
-    pub fn rebuild(&mut self, extra: usize, mut keep: impl FnMut(&PairEntry) -> bool) -> usize {
-        let old = std::mem::take(&mut self.slots);
-        let before = self.len;
-        let kept: Vec<PairEntry> = old
-            .into_iter()
-            .filter(|e| e.j != EMPTY && keep(e))
-            .collect();
-        self.len = 0;
-        let want = 4 * (kept.len() + extra);
-        if want > 0 {
-            self.slots = vec![
-                PairEntry {
-                    j: EMPTY,
-                    last: 0,
-                    v: [0.0; 2],
-                };
-                want.next_power_of_two().max(16)
-            ];
-        }
-        for e in kept {
-            let (s, _) = self.probe(e.j);
-            self.slots[s] = e;
-            self.len += 1;
-        }
-        before - self.len
-    }
-
-    /// Insert an entry whose partner is not stored yet (room must have been made).
-    fn insert_at(&mut self, slot: usize, e: PairEntry) {
-        debug_assert_eq!(self.slots[slot].j, EMPTY);
-        self.slots[slot] = e;
-        self.len += 1;
-    }
-
-    /// A table holding exactly `entries` (distinct partners).
-    pub fn from_entries(entries: Vec<PairEntry>) -> PairTable {
-        let mut t = PairTable {
-            slots: entries,
-            len: 0,
-        };
-        t.len = t.slots.len();
-        t.rebuild(0, |_| true);
-        t
-    }
-}
-
-/// Equal when both hold the same entries (slot layout aside).
-impl PartialEq for PairTable {
-    fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.iter().all(|e| other.get(e.j) == Some(e))
-    }
-}
-
-const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA1";
 
 /// One stored pair statistic, in the list of its first latent `i`: `v` holds two
 /// values (e.g. `[n_ij, n_ji]`), `last` the update index at which they were written.
@@ -460,20 +346,18 @@ pub struct PairEntry {
 ///
 /// Eviction (bounded memory):
 /// 1. an entry whose decayed value (the larger of its two numbers) is below `epsilon`
-///    reads as 0 and is dropped when its latent's table is next rebuilt (see
-///    [`PairTable`]: when the table is half full);
+///    reads as 0 and is dropped when its latent is next updated;
 /// 2. when the total number of entries exceeds `max_entries`, the smallest decayed
-///    entries are dropped until about `3/4 * max_entries` remain (exactly, below 256k
-///    entries; above, the cutoff value is estimated from a strided sample of 256k
+///    entries are evicted until about `3/4 * max_entries` remain (the cutoff value is
+///    exact below 256k entries; above, it is estimated from a strided sample of 256k
 ///    entries, so the count kept is within sampling error of the target). The
-///    hysteresis makes the O(entries) pass rarer.
+///    eviction happens in the next update's walks ([`PairEma::enforce_bound`]); the
+///    hysteresis makes it rarer.
 ///
-/// Memory: 16 bytes per slot and at most 4 slots per entry right after a rebuild
-/// (2 when a table is due for one), so `max_entries = 8_000_000` stays below 512 MB
-/// (the stored entries count the dead ones not yet dropped, so the bound holds).
+/// Memory: 16 bytes per entry, so `max_entries = 8_000_000` is at most 128 MB.
 #[derive(Clone, Debug)]
 pub struct PairEma {
-    pub lists: Vec<PairTable>,
+    pub lists: Vec<Vec<PairEntry>>,
     pub momentum: f32,
     pub epsilon: f32,
     pub max_entries: usize,
@@ -481,17 +365,21 @@ pub struct PairEma {
     pub t: u32,
     /// Total evictions by rule 2 (for the metrics log).
     pub evicted: u64,
+    /// Rule 2's cutoff for the next update's walks: (value, update index it was
+    /// measured at); cleared after that update.
+    cut: Option<(f32, u32)>,
 }
 
 impl PairEma {
     pub fn new(f: usize, momentum: f32, epsilon: f32, max_entries: usize) -> PairEma {
         PairEma {
-            lists: vec![PairTable::default(); f],
+            lists: vec![Vec::new(); f],
             momentum,
             epsilon,
             max_entries,
             t: 0,
             evicted: 0,
+            cut: None,
         }
     }
 
@@ -516,76 +404,116 @@ impl PairEma {
         }
     }
 
-    /// Update latent `i`'s table for update index `t` (the caller increments `t` once
-    /// per batch via [`PairEma::begin`]). `touched` are the latents whose batch value is
-    /// `batch(j)`; on return `scratch_val[j]` holds the new EMA for every touched `j`.
-    /// Only the touched partners are looked up (the table is hashed by partner), so
-    /// the cost is O(touched), plus an occasional rebuild that drops dead entries.
-    /// Static helper so it can run on a `&mut` table while `self` is shared.
+    /// The parameters of update `t`'s walks (call after [`PairEma::begin`]); copied out
+    /// so the lists can be borrowed mutably while the walks run.
+    pub fn walk(&self) -> Walk {
+        let cut = self.cut.map(|(c, at)| {
+            // Values decay alike, so the cutoff measured at update `at` ranks the same
+            // entries at update `t` once decayed the same way.
+            c * Powers::new(self.momentum).get(self.t - at)
+        });
+        Walk {
+            momentum: self.momentum,
+            epsilon: self.epsilon,
+            t: self.t,
+            cut,
+        }
+    }
+
+    /// Update latent `i`'s list for update `w.t`. `touched` are the latents whose batch
+    /// value is `batch(j)`; on return `scratch_val[j]` holds the new EMA for every
+    /// touched `j`. Returns the number of entries evicted by rule 2 (`w.cut`) on the
+    /// way. Static helper so it can run on a `&mut` list while `self` is shared.
+    // The scratch buffers are passed separately because the caller's closure borrows
+    // other fields of the same scratch.
     pub fn update_list(
-        momentum: f32,
-        epsilon: f32,
-        t: u32,
-        table: &mut PairTable,
+        w: Walk,
+        list: &mut Vec<PairEntry>,
         touched: &[u32],
+        pos: &mut [u32],
         scratch_val: &mut [[f32; 2]],
         mut batch: impl FnMut(u32) -> [f32; 2],
-    ) {
-        let m = momentum;
-        // m^d by table for the usual small ages d (powi was a visible share of the time).
-        let mut tbl = [1f32; 64];
-        for d in 1..64 {
-            tbl[d] = tbl[d - 1] * m;
-        }
-        let pow = |d: u32| {
-            if (d as usize) < 64 {
-                tbl[d as usize]
-            } else {
-                m.powi(d as i32)
+    ) -> u64 {
+        let (m, epsilon, t) = (w.momentum, w.epsilon, w.t);
+        if t == 1 {
+            // First batch: e_1 = x_1.
+            for &j in touched {
+                let b = batch(j);
+                list.push(PairEntry { j, last: t, v: b });
+                scratch_val[j as usize] = b;
             }
-        };
-        // Room for every touched partner at a load of at most 1/2; a rebuild drops the
-        // entries that read as zero before this update (rule 1: they would be
-        // treated as zero anyway, and their value only decays).
-        if 2 * (table.len() + touched.len()) > table.capacity() {
-            table.rebuild(touched.len(), |e| {
-                e.v[0].max(e.v[1]) * pow((t - 1).saturating_sub(e.last)) >= epsilon
-            });
+            return 0;
         }
-        for &j in touched {
-            let b = batch(j);
-            let (slot, found) = table.probe(j);
-            if t > 1 && found {
+        let powers = Powers::new(m);
+        let pow = |d: u32| powers.get(d);
+        // Rule 2, fused into this walk: an entry whose value at update t is at or below
+        // the cutoff is evicted (a touched one restarts from 0, as a new pair would).
+        let cut = w.cut.unwrap_or(f32::NEG_INFINITY);
+        let mut evicted = 0u64;
+        // One pass over the stored list (it is usually several times longer than the
+        // batch's partners): index the touched latents, not the list, then update,
+        // decay-check and compact the list in place. Entries keep their order and new
+        // pairs are appended in touched order.
+        for (k, &j) in touched.iter().enumerate() {
+            pos[j as usize] = k as u32;
+        }
+        // Marks a touched latent whose entry was found in the list.
+        const SEEN: u32 = u32::MAX - 1;
+        let mut kept = 0;
+        for r in 0..list.len() {
+            let mut e = list[r];
+            let p = pos[e.j as usize];
+            if p != u32::MAX && p != SEEN {
                 // Value after update t-1, then one EMA step with x_t = b.
-                let e = &mut table.slots[slot];
+                let b = batch(e.j);
                 let f = pow(t - 1 - e.last);
                 let mut prev = [e.v[0] * f, e.v[1] * f];
-                if prev[0].max(prev[1]) < epsilon {
+                let top = prev[0].max(prev[1]);
+                if top < epsilon {
                     prev = [0.0, 0.0];
+                } else if top * m <= cut {
+                    prev = [0.0, 0.0];
+                    evicted += 1;
                 }
                 e.v = [
                     m * prev[0] + (1.0 - m) * b[0],
                     m * prev[1] + (1.0 - m) * b[1],
                 ];
                 e.last = t;
-                scratch_val[j as usize] = e.v;
-            } else {
-                // First batch: e_1 = x_1; later, a new pair starts from 0.
-                let new = if t == 1 {
-                    b
-                } else {
-                    [(1.0 - m) * b[0], (1.0 - m) * b[1]]
-                };
+                scratch_val[e.j as usize] = e.v;
+                pos[e.j as usize] = SEEN;
+            } else if w.cut.is_some() {
+                let v = e.v[0].max(e.v[1]) * pow(t - e.last);
+                if v >= epsilon && v <= cut {
+                    evicted += 1;
+                    continue;
+                }
+            }
+            // Rule 1: drop entries that now read as zero.
+            if e.v[0].max(e.v[1]) * pow(t - e.last) >= epsilon {
+                list[kept] = e;
+                kept += 1;
+            }
+        }
+        list.truncate(kept);
+        for &j in touched {
+            let seen = pos[j as usize] == SEEN;
+            pos[j as usize] = u32::MAX;
+            if !seen {
+                let b = batch(j);
+                let new = [(1.0 - m) * b[0], (1.0 - m) * b[1]];
                 scratch_val[j as usize] = new;
-                if t == 1 || new[0].max(new[1]) >= epsilon {
-                    table.insert_at(slot, PairEntry { j, last: t, v: new });
+                if new[0].max(new[1]) >= epsilon {
+                    list.push(PairEntry { j, last: t, v: new });
                 }
             }
         }
+        evicted
     }
 
     /// Compact little-endian serialisation for checkpoints (JSON would be ~3x larger
-    /// at millions of entries): magic, `t`, `evicted`, then per latent the entry count
+    /// at millions of entries): magic, `t`, `evicted`, the pending cutoff of rule 2
+    /// (`u32` 0/1, its value `f32`, its update `u32`), then per latent the entry count
     /// and its `(j, last, v0, v1)` entries.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(24 + 4 * self.lists.len() + 16 * self.entries());
@@ -593,9 +521,13 @@ impl PairEma {
         out.extend_from_slice(&(self.lists.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.t.to_le_bytes());
         out.extend_from_slice(&self.evicted.to_le_bytes());
+        let (has, c, at) = self.cut.map_or((0u32, 0f32, 0u32), |(c, at)| (1, c, at));
+        out.extend_from_slice(&has.to_le_bytes());
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&at.to_le_bytes());
         for l in &self.lists {
             out.extend_from_slice(&(l.len() as u32).to_le_bytes());
-            for e in l.iter() {
+            for e in l {
                 out.extend_from_slice(&e.j.to_le_bytes());
                 out.extend_from_slice(&e.last.to_le_bytes());
                 out.extend_from_slice(&e.v[0].to_le_bytes());
@@ -618,7 +550,9 @@ impl PairEma {
             r = b;
             Ok(a)
         };
-        if take(PEMA_MAGIC.len())? != PEMA_MAGIC {
+        let magic = take(PEMA_MAGIC.len())?;
+        let v1 = magic == PEMA_MAGIC_V1;
+        if magic != PEMA_MAGIC && !v1 {
             bail!("pair statistics: saved state has the wrong format");
         }
         let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
@@ -631,6 +565,14 @@ impl PairEma {
         }
         let t = u32_of(take(4)?);
         let evicted = u64::from_le_bytes(take(8)?.try_into().context("evicted")?);
+        let cut = if v1 {
+            None
+        } else {
+            let has = u32_of(take(4)?);
+            let c = f32::from_bits(u32_of(take(4)?));
+            let at = u32_of(take(4)?);
+            (has == 1).then_some((c, at))
+        };
         let mut lists = Vec::with_capacity(n);
         for _ in 0..n {
             let len = u32_of(take(4)?) as usize;
@@ -650,7 +592,7 @@ impl PairEma {
                     ],
                 });
             }
-            lists.push(PairTable::from_entries(l));
+            lists.push(l);
         }
         if !r.is_empty() {
             bail!(
@@ -661,6 +603,7 @@ impl PairEma {
         self.lists = lists;
         self.t = t;
         self.evicted = evicted;
+        self.cut = cut;
         Ok(())
     }
 
@@ -670,24 +613,23 @@ impl PairEma {
         self.t
     }
 
-    /// Rule 2: enforce the entry bound after a batch's updates.
+    /// Rule 2: enforce the entry bound after a batch's updates. Above the bound, the
+    /// cutoff that keeps about 3/4 of it is set for the next update, whose walks evict
+    /// the entries at or below it in the lists they visit anyway (every latent that
+    /// fires). Only far above the bound (more than 1.5x, e.g. when many latents
+    /// stopped firing) does a separate pass over every list evict them at once.
     pub fn enforce_bound(&mut self) {
+        if matches!(self.cut, Some((_, at)) if at < self.t) {
+            self.cut = None;
+        }
         let total = self.entries();
         if total <= self.max_entries {
             return;
         }
         let target = self.max_entries * 3 / 4;
         let now = self.t;
-        let m = self.momentum;
-        let value = |e: &PairEntry| {
-            let age = now - e.last;
-            let f = if age < 64 {
-                DECAY_TABLE.with(|t| t.factor(m, age))
-            } else {
-                m.powi(age as i32)
-            };
-            e.v[0].max(e.v[1]) * f
-        };
+        let pow = Powers::new(self.momentum);
+        let value = |e: &PairEntry| e.v[0].max(e.v[1]) * pow.get(now - e.last);
         // The cutoff comes from a strided sample of at most ~256k entries: an exact
         // selection over millions of entries, run whenever the bound is reached (every
         // few steps at F = 16384), cost more than the penalty itself. Below the sample
@@ -697,22 +639,44 @@ impl PairEma {
         let mut skip = 0usize;
         for l in &self.lists {
             let mut k = skip;
-            for e in l.iter().skip(skip).step_by(stride) {
-                sample.push(value(e));
+            while k < l.len() {
+                sample.push(value(&l[k]));
                 k += stride;
             }
-            skip = k.saturating_sub(l.len());
+            skip = k - l.len();
         }
         // Keep the `target` largest: cutoff = the (total - target)-th smallest value;
         // everything <= cutoff goes (ties go too).
         let k = ((total - target) * sample.len() / total).clamp(1, sample.len()) - 1;
         let (_, cut, _) = sample.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
         let cut = *cut;
+        if total <= self.max_entries + self.max_entries / 2 {
+            self.cut = Some((cut, now));
+            return;
+        }
+        // Keep iff v * m^age > cut, i.e. v > cut / m^age: one table lookup and one
+        // compare per entry (this pass visits every stored entry).
+        let mut cut_at = [0f32; 64];
+        for (age, c) in cut_at.iter_mut().enumerate() {
+            *c = cut / pow.get(age as u32);
+        }
+        let keep = |e: &PairEntry| {
+            let age = now - e.last;
+            if age < 64 {
+                e.v[0].max(e.v[1]) > cut_at[age as usize]
+            } else {
+                value(e) > cut
+            }
+        };
         let dropped: usize = self
             .lists
             .par_iter_mut()
             .with_min_len(256)
-            .map(|l| l.rebuild(0, |e| value(e) > cut))
+            .map(|l| {
+                let before = l.len();
+                l.retain(keep);
+                before - l.len()
+            })
             .sum();
         self.evicted += dropped as u64;
     }
@@ -721,33 +685,28 @@ impl PairEma {
 /// Sample size for the eviction cutoff of [`PairEma::enforce_bound`].
 const SAMPLE: usize = 1 << 18;
 
-/// `m^age` for ages below 64, per thread, rebuilt when the momentum changes.
-struct DecayTable {
-    m: std::cell::Cell<f32>,
-    pow: std::cell::RefCell<[f32; 64]>,
+/// `m^age`, by table for ages below 64 (`powi` was a visible share of the time).
+struct Powers {
+    m: f32,
+    table: [f32; 64],
 }
 
-impl DecayTable {
-    fn factor(&self, m: f32, age: u32) -> f32 {
-        if self.m.get() != m {
-            let mut p = self.pow.borrow_mut();
-            p[0] = 1.0;
-            for d in 1..64 {
-                p[d] = p[d - 1] * m;
-            }
-            self.m.set(m);
+impl Powers {
+    fn new(m: f32) -> Powers {
+        let mut table = [1f32; 64];
+        for d in 1..64 {
+            table[d] = table[d - 1] * m;
         }
-        self.pow.borrow()[age as usize]
+        Powers { m, table }
     }
-}
 
-thread_local! {
-    static DECAY_TABLE: DecayTable = const {
-        DecayTable {
-            m: std::cell::Cell::new(f32::NAN),
-            pow: std::cell::RefCell::new([1.0; 64]),
+    #[inline]
+    fn get(&self, age: u32) -> f32 {
+        match self.table.get(age as usize) {
+            Some(&p) => p,
+            None => self.m.powi(age as i32),
         }
-    };
+    }
 }
 
 #[cfg(test)]
@@ -833,10 +792,7 @@ mod tests {
 
     #[test]
     fn ema_bound_drops_smallest_pairs() {
-        let mut ema = PairEma::new(4, 0.5, 0.0, 3);
-        let t = ema.begin();
-        let mut sv = vec![[0f32; 2]; 4];
-        // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3: 4 entries > 3 -> keep 2.
+        // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3.
         let vals = |a: u32, b: u32| -> f32 {
             match (a, b) {
                 (0, 1) => 0.9,
@@ -846,26 +802,50 @@ mod tests {
                 _ => unreachable!(),
             }
         };
-        let nbrs: [&[u32]; 4] = [&[1, 2], &[3], &[3], &[]];
-        let (m, e) = (ema.momentum, ema.epsilon);
-        for (i, list) in ema.lists.iter_mut().enumerate() {
-            PairEma::update_list(m, e, t, list, nbrs[i], &mut sv, |j| {
-                [vals(i as u32, j), 0.0]
-            });
-        }
+        let mut pos = vec![u32::MAX; 4];
+        let mut sv = vec![[0f32; 2]; 4];
+        // One update; `nbrs[i]` are latent i's partners (none: a walk that only decays).
+        let mut update = |ema: &mut PairEma, nbrs: [&[u32]; 4]| {
+            ema.begin();
+            let w = ema.walk();
+            let mut evicted = 0;
+            for (i, list) in ema.lists.iter_mut().enumerate() {
+                evicted += PairEma::update_list(w, list, nbrs[i], &mut pos, &mut sv, |j| {
+                    [vals(i as u32, j), 0.0]
+                });
+            }
+            ema.evicted += evicted;
+        };
+        let kept = |ema: &PairEma| -> Vec<(usize, u32)> {
+            ema.lists
+                .iter()
+                .enumerate()
+                .flat_map(|(i, l)| l.iter().map(move |e| (i, e.j)))
+                .collect()
+        };
+        let all: [&[u32]; 4] = [&[1, 2], &[3], &[3], &[]];
+        let none: [&[u32]; 4] = [&[], &[], &[], &[]];
+        // Far above the bound (4 > 1.5 x 2): evicted at once, down to 3/4 of it.
+        let mut far = PairEma::new(4, 0.5, 0.0, 2);
+        update(&mut far, all);
+        far.enforce_bound();
+        assert_eq!((kept(&far), far.evicted), (vec![(0, 1)], 3));
+        // Just above (4 > 3): the cutoff keeping 3/4 of the bound (0.3) is evicted by
+        // the next update's walks, at a decayed value, then forgotten.
+        let mut ema = PairEma::new(4, 0.5, 0.0, 3);
+        update(&mut ema, all);
         assert_eq!(ema.entries(), 4);
         ema.enforce_bound();
-        let kept: Vec<(usize, u32)> = ema
-            .lists
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| l.iter().map(move |e| (i, e.j)))
-            .collect();
-        assert_eq!(kept, vec![(0, 1), (1, 3)]);
+        assert_eq!((ema.entries(), ema.evicted), (4, 0));
+        update(&mut ema, none);
+        assert_eq!(kept(&ema), vec![(0, 1), (1, 3)]);
         assert_eq!(ema.evicted, 2);
-        // Lazy decay: one update later, (0,1) reads 0.9 * 0.5.
+        ema.enforce_bound();
+        assert!(ema.cut.is_none());
+        // Lazy decay: (0,1), written at update 1, reads 0.9 * 0.5 at update 2.
+        assert!((ema.read(&ema.lists[0][0])[0] - 0.45).abs() < 1e-7);
         ema.begin();
-        assert!((ema.read(ema.lists[0].get(1).unwrap())[0] - 0.45).abs() < 1e-7);
+        assert!((ema.read(&ema.lists[0][0])[0] - 0.225).abs() < 1e-7);
         let bytes = ema.to_bytes();
         let mut back = PairEma::new(4, 0.5, 0.0, 3);
         back.load_bytes(&bytes).unwrap();
@@ -875,5 +855,9 @@ mod tests {
         );
         assert!(back.load_bytes(&bytes[..bytes.len() - 3]).is_err());
         assert!(PairEma::new(5, 0.5, 0.0, 3).load_bytes(&bytes).is_err());
+        // A pending cutoff survives a checkpoint.
+        ema.cut = Some((0.25, ema.t));
+        back.load_bytes(&ema.to_bytes()).unwrap();
+        assert_eq!(back.cut, ema.cut);
     }
 }

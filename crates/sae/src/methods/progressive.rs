@@ -35,8 +35,11 @@ pub struct ProgressiveConfig {
     pub ema_momentum: f64,
     /// EMA entries whose value falls below this are dropped; default 0.01.
     pub ema_epsilon: f64,
-    /// At most this many stored EMA entries (16 bytes each, in hash tables of at most
-    /// 4 slots per entry); default 8M (at most 512 MB).
+    /// ... and so are entries below this fraction of the current threshold, which
+    /// changes any `c_ij` by at most this much (a dropped value `v < a thr` lowers a
+    /// later `n_ij` by less than `a thr`); default 0.05. 0 = only `ema_epsilon`.
+    pub ema_epsilon_relative: f64,
+    /// At most this many stored EMA entries (16 bytes each); default 8M (128 MB).
     pub ema_max_entries: usize,
     /// Whether `i == j` terms count (the research's dense code included them: they
     /// penalise `||f_i||^2`); default false.
@@ -55,6 +58,7 @@ impl Default for ProgressiveConfig {
             warmup_fraction: 0.1,
             ema_momentum: 0.9,
             ema_epsilon: 0.01,
+            ema_epsilon_relative: 0.05,
             ema_max_entries: 8_000_000,
             include_diagonal: false,
         }
@@ -101,6 +105,12 @@ impl ProgressiveConfig {
                 self.ema_epsilon
             );
         }
+        if !(self.ema_epsilon_relative >= 0.0 && self.ema_epsilon_relative < 1.0) {
+            bail!(
+                "progressive_ortho: ema_epsilon_relative = {} must lie in [0, 1)",
+                self.ema_epsilon_relative
+            );
+        }
         if self.ema_momentum > 0.0 && self.ema_max_entries < 16 {
             bail!(
                 "progressive_ortho: ema_max_entries = {} is too small (>= 16)",
@@ -112,6 +122,11 @@ impl ProgressiveConfig {
 
     pub fn threshold_at(&self, p: f64) -> f64 {
         self.threshold.value(p, self.threshold_floor)
+    }
+
+    /// The EMA's drop threshold when the co-activation threshold is `thr`.
+    pub fn ema_epsilon_at(&self, thr: f64) -> f64 {
+        self.ema_epsilon.max(self.ema_epsilon_relative * thr)
     }
 
     pub fn weight_at(&self, p: f64) -> f64 {
@@ -150,6 +165,8 @@ struct LatentOut {
     pairs: u64,
     above: u64,
     sum_c: f64,
+    /// Pair-EMA entries evicted by the bound during this latent's update.
+    evicted: u64,
 }
 
 /// The sparse penalty. `grad_val` (aligned with `codes.val`) receives
@@ -170,15 +187,13 @@ pub fn sparse_penalty(
     let want_grad = grad_val.is_some();
     let inv_counts: Vec<f32> = (0..f).map(|i| 1.0 / csc.count(i).max(1) as f32).collect();
 
-    let (ema_params, lists) = match ema {
+    let (walk, mut lists) = match ema {
         Some(e) => {
-            let t = e.begin();
-            ((e.momentum, e.epsilon, t, true), Some(e))
+            e.begin();
+            (Some(e.walk()), Some(e))
         }
-        None => ((0.0, 0.0, 0, false), None),
+        None => (None, None),
     };
-    let (mom, eps, t, use_ema) = ema_params;
-    let mut lists = lists;
     let (outs, grad) = run_latents(
         &csc,
         lists.as_mut().map(|e| e.lists.as_mut_slice()),
@@ -188,11 +203,13 @@ pub fn sparse_penalty(
             let inv_i = inv_counts[i];
             // Batch values: n_ij = C_ij / count_j, n_ji = C_ij / count_i.
             let batch = |j: u32, c: u32| [c as f32 * inv_counts[j as usize], c as f32 * inv_i];
-            if let (true, Some(list)) = (use_ema, list) {
+            let mut evicted = 0;
+            if let (Some(w), Some(list)) = (walk, list) {
                 let acc = &s.acc;
-                PairEma::update_list(mom, eps, t, list, &s.touched, &mut s.ema_val, |j| {
-                    batch(j, acc[j as usize].0)
-                });
+                evicted =
+                    PairEma::update_list(w, list, &s.touched, &mut s.pos, &mut s.ema_val, |j| {
+                        batch(j, acc[j as usize].0)
+                    });
             } else {
                 for &j in &s.touched {
                     s.ema_val[j as usize] = batch(j, s.acc[j as usize].0);
@@ -203,6 +220,7 @@ pub fn sparse_penalty(
                 pairs: 0,
                 above: 0,
                 sum_c: 0.0,
+                evicted,
             };
             for &j in &s.touched {
                 let ju = j as usize;
@@ -237,14 +255,16 @@ pub fn sparse_penalty(
             g[p as usize] += grad[q];
         }
     }
-    let (mut loss, mut pairs, mut above, mut sum_c) = (0f64, 0u64, 0u64, 0f64);
+    let (mut loss, mut pairs, mut above, mut sum_c, mut evicted) = (0f64, 0u64, 0u64, 0f64, 0);
     for o in &outs {
         loss += o.loss;
         pairs += o.pairs;
         above += o.above;
         sum_c += o.sum_c;
+        evicted += o.evicted;
     }
     if let Some(e) = lists {
+        e.evicted += evicted;
         e.enforce_bound();
     }
     let denom = pairs.max(1) as f64;
@@ -402,6 +422,9 @@ impl Regularizer for ProgressiveOrtho {
         let p = ctx.progress();
         let thr = self.cfg.threshold_at(p);
         let w = self.cfg.weight_at(p);
+        if let Some(e) = self.ema.as_mut() {
+            e.epsilon = self.cfg.ema_epsilon_at(thr) as f32;
+        }
         let st = sparse_penalty(
             codes,
             thr,
@@ -506,6 +529,27 @@ mod tests {
     }
 
     #[test]
+    fn ema_drop_threshold_follows_the_threshold() {
+        let c = ProgressiveConfig::default();
+        assert!((c.ema_epsilon_at(0.85) - 0.0425).abs() < 1e-12);
+        assert_eq!(c.ema_epsilon_at(0.1), 0.01);
+        let abs_only = ProgressiveConfig {
+            ema_epsilon_relative: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(abs_only.ema_epsilon_at(0.85), 0.01);
+        for bad in [-0.1, 1.0] {
+            let e = ProgressiveConfig {
+                ema_epsilon_relative: bad,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.to_string().contains("ema_epsilon_relative"), "{e}");
+        }
+    }
+
+    #[test]
     fn sparse_equals_dense_on_random_cases() {
         for seed in 0..6 {
             check_case(seed, false, 0.3);
@@ -547,7 +591,7 @@ mod tests {
         }
         // Stored values equal the dense EMA of every pair that was ever seen.
         for (i, l) in ema.lists.iter().enumerate() {
-            for e in l.iter() {
+            for e in l {
                 let v = ema.read(e);
                 let j = e.j as usize;
                 assert!((v[0] as f64 - dense_ema[i * f + j]).abs() < 1e-5);

@@ -471,8 +471,8 @@ pub fn interference_candidates(
     let csc = Csc::build(codes);
     let col_norm = csc.col_norms();
     let inv_b = 1.0 / codes.rows.max(1) as f32;
-    let (m, eps) = (ema.momentum, ema.epsilon);
-    let t = ema.begin();
+    ema.begin();
+    let walk = ema.walk();
     let (per, _) = run_latents(
         &csc,
         Some(ema.lists.as_mut_slice()),
@@ -481,14 +481,15 @@ pub fn interference_candidates(
         |s, i, list| {
             let list = list.expect("lists given");
             let acc = &s.acc;
-            PairEma::update_list(m, eps, t, list, &s.touched, &mut s.ema_val, |j| {
-                let d = acc[j as usize].1;
-                let x = match statistic {
-                    Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
-                    Statistic::SecondMoment => d * inv_b,
-                };
-                [x, x]
-            });
+            let evicted =
+                PairEma::update_list(walk, list, &s.touched, &mut s.pos, &mut s.ema_val, |j| {
+                    let d = acc[j as usize].1;
+                    let x = match statistic {
+                        Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
+                        Statistic::SecondMoment => d * inv_b,
+                    };
+                    [x, x]
+                });
             let mut out = Vec::new();
             for &j in &s.touched {
                 let a = s.ema_val[j as usize][0] - tau;
@@ -496,11 +497,12 @@ pub fn interference_candidates(
                     out.push((i as u32, j, a));
                 }
             }
-            out
+            (out, evicted)
         },
     );
+    ema.evicted += per.iter().map(|p| p.1).sum::<u64>();
     ema.enforce_bound();
-    let mut all: Vec<(u32, u32, f32)> = per.into_iter().flatten().collect();
+    let mut all: Vec<(u32, u32, f32)> = per.into_iter().flat_map(|p| p.0).collect();
     let candidates = all.len();
     let order = |x: &(u32, u32, f32), y: &(u32, u32, f32)| {
         y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1)))
@@ -719,7 +721,7 @@ impl SelfCorrecting {
         let tau = self.cfg.penalty.tau as f32;
         let mut trip = Vec::new();
         for (i, l) in self.ema.lists.iter().enumerate() {
-            for e in l.iter() {
+            for e in l {
                 if e.j as usize != i {
                     let a = self.ema.read(e)[0] - tau;
                     if a > 0.0 {
@@ -760,7 +762,7 @@ impl SelfCorrecting {
             self.ema.lists[d as usize].clear();
         }
         for l in &mut self.ema.lists {
-            l.rebuild(0, |e| !gone[e.j as usize]);
+            l.retain(|e| !gone[e.j as usize]);
         }
     }
 
