@@ -354,7 +354,9 @@ pub struct PairEntry {
 ///    eviction happens in the next update's walks ([`PairEma::enforce_bound`]); the
 ///    hysteresis makes it rarer.
 ///
-/// Memory: 16 bytes per entry, so `max_entries = 8_000_000` is at most 128 MB.
+/// Memory: 16 bytes per entry. Between a step that exceeds the bound and the walks that
+/// evict, the store can hold up to 1.5x `max_entries` (more triggers the immediate
+/// pass), so `max_entries = 8_000_000` is at most 192 MB.
 #[derive(Clone, Debug)]
 pub struct PairEma {
     pub lists: Vec<Vec<PairEntry>>,
