@@ -35,9 +35,10 @@ pub struct ProgressiveConfig {
     pub ema_momentum: f64,
     /// EMA entries whose value falls below this are dropped; default 0.01.
     pub ema_epsilon: f64,
-    /// ... and so are entries below this fraction of the current threshold, which
-    /// changes any `c_ij` by at most this much (a dropped value `v < a thr` lowers a
-    /// later `n_ij` by less than `a thr`); default 0.05. 0 = only `ema_epsilon`.
+    /// ... and so are entries below this fraction of the current threshold; default
+    /// 0.05 (a pair then gets an entry once a batch has `n_ij >= 0.05 thr / (1 - m)`,
+    /// half the threshold at m = 0.9; see docs/methods.md for what this approximates).
+    /// 0 = only `ema_epsilon`.
     pub ema_epsilon_relative: f64,
     /// At most this many stored EMA entries (16 bytes each); default 8M (128 MB).
     pub ema_max_entries: usize,
