@@ -314,7 +314,7 @@ const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA2";
 /// The format before the pending cutoff of rule 2 was saved (read as "no cutoff").
 const PEMA_MAGIC_V1: &[u8] = b"SAELAB-PAIR-EMA1";
 
-/// The parameters of one update's per-latent walks (see [`PairEma::walk`]).
+/// The parameters of one update's per-latent walks (see [`PairEma::begin`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Walk {
     pub momentum: f32,
@@ -406,22 +406,6 @@ impl PairEma {
         }
     }
 
-    /// The parameters of update `t`'s walks (call after [`PairEma::begin`]); copied out
-    /// so the lists can be borrowed mutably while the walks run.
-    pub fn walk(&self) -> Walk {
-        let cut = self.cut.map(|(c, at)| {
-            // Values decay alike, so the cutoff measured at update `at` ranks the same
-            // entries at update `t` once decayed the same way.
-            c * Powers::new(self.momentum).get(self.t - at)
-        });
-        Walk {
-            momentum: self.momentum,
-            epsilon: self.epsilon,
-            t: self.t,
-            cut,
-        }
-    }
-
     /// Update latent `i`'s list for update `w.t`. `touched` are the latents whose batch
     /// value is `batch(j)`; on return `scratch_val[j]` holds the new EMA for every
     /// touched `j`. Returns the number of entries evicted by rule 2 (`w.cut`) on the
@@ -484,15 +468,19 @@ impl PairEma {
                 e.last = t;
                 scratch_val[e.j as usize] = e.v;
                 pos[e.j as usize] = SEEN;
-            } else if w.cut.is_some() {
+            } else {
                 let v = e.v[0].max(e.v[1]) * pow(t - e.last);
-                if v >= epsilon && v <= cut {
+                // Rule 1: drop entries that now read as zero.
+                if v < epsilon {
+                    continue;
+                }
+                if v <= cut {
                     evicted += 1;
                     continue;
                 }
             }
-            // Rule 1: drop entries that now read as zero.
-            if e.v[0].max(e.v[1]) * pow(t - e.last) >= epsilon {
+            // An updated entry is kept unless its new value reads as zero (rule 1).
+            if e.v[0].max(e.v[1]) >= epsilon {
                 list[kept] = e;
                 kept += 1;
             }
@@ -609,10 +597,28 @@ impl PairEma {
         Ok(())
     }
 
-    /// Start update `t + 1` (call once per batch before the per-latent updates).
-    pub fn begin(&mut self) -> u32 {
+    /// Start update `t + 1` (call once per batch before the per-latent updates) and
+    /// return the parameters of its walks, copied out so the lists can be borrowed
+    /// mutably while the walks run.
+    pub fn begin(&mut self) -> Walk {
         self.t += 1;
-        self.t
+        let cut = self.cut.map(|(c, at)| {
+            // Values decay alike, so the cutoff measured at update `at` ranks the same
+            // entries at update `t` once decayed the same way.
+            c * Powers::new(self.momentum).get(self.t - at)
+        });
+        Walk {
+            momentum: self.momentum,
+            epsilon: self.epsilon,
+            t: self.t,
+            cut,
+        }
+    }
+
+    /// Finish an update: count the evictions its walks made, then enforce the bound.
+    pub fn end(&mut self, evicted: u64) {
+        self.evicted += evicted;
+        self.enforce_bound();
     }
 
     /// Rule 2: enforce the entry bound after a batch's updates. Above the bound, the
@@ -656,27 +662,13 @@ impl PairEma {
             self.cut = Some((cut, now));
             return;
         }
-        // Keep iff v * m^age > cut, i.e. v > cut / m^age: one table lookup and one
-        // compare per entry (this pass visits every stored entry).
-        let mut cut_at = [0f32; 64];
-        for (age, c) in cut_at.iter_mut().enumerate() {
-            *c = cut / pow.get(age as u32);
-        }
-        let keep = |e: &PairEntry| {
-            let age = now - e.last;
-            if age < 64 {
-                e.v[0].max(e.v[1]) > cut_at[age as usize]
-            } else {
-                value(e) > cut
-            }
-        };
         let dropped: usize = self
             .lists
             .par_iter_mut()
             .with_min_len(256)
             .map(|l| {
                 let before = l.len();
-                l.retain(keep);
+                l.retain(|e| value(e) > cut);
                 before - l.len()
             })
             .sum();
@@ -808,8 +800,7 @@ mod tests {
         let mut sv = vec![[0f32; 2]; 4];
         // One update; `nbrs[i]` are latent i's partners (none: a walk that only decays).
         let mut update = |ema: &mut PairEma, nbrs: [&[u32]; 4]| {
-            ema.begin();
-            let w = ema.walk();
+            let w = ema.begin();
             let mut evicted = 0;
             for (i, list) in ema.lists.iter_mut().enumerate() {
                 evicted += PairEma::update_list(w, list, nbrs[i], &mut pos, &mut sv, |j| {

@@ -189,10 +189,7 @@ pub fn sparse_penalty(
     let inv_counts: Vec<f32> = (0..f).map(|i| 1.0 / csc.count(i).max(1) as f32).collect();
 
     let (walk, mut lists) = match ema {
-        Some(e) => {
-            e.begin();
-            (Some(e.walk()), Some(e))
-        }
+        Some(e) => (Some(e.begin()), Some(e)),
         None => (None, None),
     };
     let (outs, grad) = run_latents(
@@ -265,8 +262,7 @@ pub fn sparse_penalty(
         evicted += o.evicted;
     }
     if let Some(e) = lists {
-        e.evicted += evicted;
-        e.enforce_bound();
+        e.end(evicted);
     }
     let denom = pairs.max(1) as f64;
     ProgressiveStep {

@@ -471,8 +471,7 @@ pub fn interference_candidates(
     let csc = Csc::build(codes);
     let col_norm = csc.col_norms();
     let inv_b = 1.0 / codes.rows.max(1) as f32;
-    ema.begin();
-    let walk = ema.walk();
+    let walk = ema.begin();
     let (per, _) = run_latents(
         &csc,
         Some(ema.lists.as_mut_slice()),
@@ -500,8 +499,7 @@ pub fn interference_candidates(
             (out, evicted)
         },
     );
-    ema.evicted += per.iter().map(|p| p.1).sum::<u64>();
-    ema.enforce_bound();
+    ema.end(per.iter().map(|p| p.1).sum());
     let mut all: Vec<(u32, u32, f32)> = per.into_iter().flat_map(|p| p.0).collect();
     let candidates = all.len();
     let order = |x: &(u32, u32, f32), y: &(u32, u32, f32)| {
