@@ -27,9 +27,15 @@ pub struct EvalArgs {
     /// Output directory for the SAEBench JSON files (default: SAE/evals).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Use SAEBench's sizes (200 x 16 x 128 reconstruction tokens, 2000 x 16 x 128
-    /// sparsity tokens, 4000/1000 probe splits) instead of the CPU-sized defaults.
-    #[arg(long)]
+    /// Evaluation sizes: `default` (sized for a 2-core CPU: 8 x 8 x 128 reconstruction
+    /// tokens, 240/60/120 probe splits), `quick` (about half of that, as the quickstart
+    /// uses), `saebench` (SAEBench's 200 x 16 x 128 reconstruction tokens,
+    /// 2000 x 16 x 128 sparsity tokens, 4000/1000 probe splits) or `tiny` (smoke tests).
+    #[arg(long, default_value = "default",
+          value_parser = clap::builder::PossibleValuesParser::new(saelab_report::evalsetup::EVAL_SIZES))]
+    pub sizes: String,
+    /// Shorthand for `--sizes saebench`.
+    #[arg(long, conflicts_with = "sizes")]
     pub saebench_sizes: bool,
     /// Where LM activations for evaluations are cached and reused across SAEs of the
     /// same model and hook (default: $SAELAB_HOME/eval-cache).
@@ -49,7 +55,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let sizes = if a.saebench_sizes {
         "saebench"
     } else {
-        "default"
+        a.sizes.as_str()
     };
     ev.evaluate(&model, &a.sae, &a.evals, &out, sizes)?;
     println!("results: {}", out.display());

@@ -45,7 +45,7 @@ impl Default for ScrTppConfig {
             probe_lr: 1e-3,
             probe_l1: 1e-3,
             probe_batch: 16,
-            // CPU-sized (SAEBench: 4000 / 1000 per probe); `--saebench-sizes` sets those.
+            // CPU-sized (SAEBench: 4000 / 1000 per probe); `--sizes saebench` sets those.
             n_train: 240,
             n_test: 120,
             ctx: 128,

@@ -49,7 +49,7 @@ impl Default for SparseProbingConfig {
         // CPU-sized: each class of a dataset contributes (n_train + n_val + n_test) / 2
         // documents to the pool that goes through the LM, so these sizes keep the five
         // default datasets near 300k LM tokens (about 3 minutes here, once per model
-        // and hook). `--saebench-sizes` restores 4000 / 1000.
+        // and hook). `saelab eval --sizes saebench` restores 4000 / 1000.
         SparseProbingConfig {
             n_train: 240,
             n_val: 60,

@@ -158,6 +158,14 @@ pub fn code_language_task(per_language: usize) -> Vec<LabeledText> {
     docs
 }
 
+/// The evaluation size presets, from largest to smallest:
+/// - `saebench`: SAEBench's own sizes (hours per SAE on a CPU);
+/// - `default`: sized for a 2-core CPU (about 300k LM tokens for the probing pool);
+/// - `quick`: half of `default`'s core tokens and probe sets (absorption unchanged),
+///   for the quickstart (the accuracies are noisier: 60 test documents per dataset);
+/// - `tiny`: smoke tests only (every code path, minimal tokens).
+pub const EVAL_SIZES: &[&str] = &["saebench", "default", "quick", "tiny"];
+
 /// Build the evaluation inputs for `evals` at `hook`.
 pub fn eval_options(
     evals: &[String],
@@ -174,6 +182,18 @@ pub fn eval_options(
     };
     match sizes {
         "default" => {}
+        "quick" => {
+            o.core.recon_batches = 4;
+            o.core.sparsity_batches = 16;
+            o.sparse_probing.n_train = 120;
+            o.sparse_probing.n_val = 30;
+            o.sparse_probing.n_test = 60;
+            // Absorption keeps its default 600 words per letter: with 300 or 450 the
+            // ground-truth probes of SmolLM2 reach F1 0.6 on only 18-19 letters (it
+            // needs 20), and the evaluation returns no result.
+            o.scr_tpp.n_train /= 2;
+            o.scr_tpp.n_test /= 2;
+        }
         // Smoke-test sizes (CI's end-to-end test): every code path, minimal tokens.
         "tiny" => {
             o.core.batch_prompts = 2;
@@ -210,7 +230,10 @@ pub fn eval_options(
             o.absorption.packed_ctx = None;
             o.absorption.k_sparse_probe_batch_size = 4096;
         }
-        other => bail!("unknown evaluation sizes `{other}` (default | saebench | tiny)"),
+        other => bail!(
+            "unknown evaluation sizes `{other}` ({})",
+            EVAL_SIZES.join(" | ")
+        ),
     }
     let wants = |e: &str| evals.iter().any(|x| x == e);
     if wants("core") {
@@ -363,6 +386,31 @@ impl crate::runner::Evaluator for SuiteEvaluator {
 mod tests {
     use super::*;
     use saelab_data::corpus::Document;
+
+    #[test]
+    fn quick_sizes_halve_core_and_probing_but_keep_absorption() {
+        let d = eval_options(&[], "h", "default", None).unwrap();
+        let q = eval_options(&[], "h", "quick", None).unwrap();
+        assert_eq!(q.core.recon_batches * 2, d.core.recon_batches);
+        assert_eq!(q.core.sparsity_batches * 2, d.core.sparsity_batches);
+        assert_eq!(
+            (
+                q.sparse_probing.n_train,
+                q.sparse_probing.n_val,
+                q.sparse_probing.n_test
+            ),
+            (120, 30, 60)
+        );
+        assert_eq!(q.scr_tpp.n_train * 2, d.scr_tpp.n_train);
+        assert_eq!(
+            q.absorption.max_words_per_letter,
+            d.absorption.max_words_per_letter
+        );
+        let e = eval_options(&[], "h", "fast", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`fast`") && e.contains("quick"), "{e}");
+    }
 
     #[test]
     fn long_documents_are_cut_at_sentence_ends_with_labels() {

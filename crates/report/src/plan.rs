@@ -53,8 +53,9 @@ pub struct Plan {
     /// Variant the others are compared with (default: the first).
     #[serde(default)]
     pub baseline: Option<String>,
-    /// Evaluation sizes: "default" (sized for a 2-core CPU), "saebench" (SAEBench's
-    /// standard sizes) or "tiny" (smoke tests).
+    /// Evaluation sizes: "default" (sized for a 2-core CPU), "quick" (half of it, for
+    /// the quickstart), "saebench" (SAEBench's standard sizes) or "tiny" (smoke tests);
+    /// see [`crate::evalsetup::EVAL_SIZES`].
     #[serde(default = "default_eval_sizes")]
     pub eval_sizes: String,
     /// Dead-fraction above which the report flags a variant.
@@ -225,9 +226,10 @@ impl Plan {
                 bail!("unknown evaluation `{e}`{hint}");
             }
         }
-        if !["default", "saebench", "tiny"].contains(&self.eval_sizes.as_str()) {
+        if !crate::evalsetup::EVAL_SIZES.contains(&self.eval_sizes.as_str()) {
             bail!(
-                "eval_sizes must be \"default\", \"saebench\" or \"tiny\", not `{}`",
+                "eval_sizes must be one of {}, not `{}`",
+                crate::evalsetup::EVAL_SIZES.join(", "),
                 self.eval_sizes
             );
         }
