@@ -60,7 +60,7 @@ fn synth_codes(rng: &mut Rng, b: usize, f: usize, k: usize, zipf: f64) -> Sparse
 /// A whole TopK training step (the trainer of `saelab_sae::trainer`, F = 16384, k = 40,
 /// B = 2048, d_in = 576 as SmolLM2-135M) without and with each method's hooks. Steps of
 /// the two models alternate, so slow phases of other load hit both alike.
-fn step_overhead(reps: usize, presets: &[&str], sweep: bool) {
+fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
     let (f, k, b, d) = (16384usize, 40usize, 2048usize, 576usize);
     let steps = if sweep { 3 * reps.max(4) } else { reps.max(4) };
     let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
@@ -74,14 +74,11 @@ fn step_overhead(reps: usize, presets: &[&str], sweep: bool) {
         total_tokens: (b * if sweep { steps + 2 } else { 1000 }) as u64,
         ..Default::default()
     };
-    for &preset in presets {
+    for (preset, method) in methods {
         let mut plain = TrainSae::new(&cfg, d, 1000).expect("plain model");
         let mut with = TrainSae::new(&cfg, d, 1000).expect("method model");
         let mut none = TrainHooks::default();
-        let built = MethodConfig::preset(preset)
-            .expect("preset")
-            .build(d, f, 1)
-            .expect("build");
+        let built = method.build(d, f, 1).expect("build");
         let mut hooks = TrainHooks {
             regularizers: built.regularizers,
             gate: built.gate,
@@ -319,14 +316,29 @@ fn main() {
     }
 
     if run("step") {
-        // `step PRESET...` times only the named presets.
+        // `step PRESET...` times only the named presets; `step FILE.toml` a method
+        // configuration from a file (the `[method]` table of a training config, e.g.
+        // `method = "self_correcting"` with `[penalty] ema_max_entries = 1_000_000`),
+        // labelled by the file name.
         let all = ["progressive", "static_control", "self_correcting_no_gate"];
-        let named: Vec<&str> = all
+        let mut methods: Vec<(String, MethodConfig)> = all
             .into_iter()
             .filter(|p| args.iter().any(|a| a == p))
+            .map(|p| (p.to_string(), MethodConfig::preset(p).expect("preset")))
             .collect();
+        for a in args.iter().filter(|a| a.ends_with(".toml")) {
+            let text = std::fs::read_to_string(a).unwrap_or_else(|e| panic!("{a}: {e}"));
+            let m = MethodConfig::from_toml_str(&text, a, f).unwrap_or_else(|e| panic!("{e:#}"));
+            methods.push((a.clone(), m));
+        }
+        if methods.is_empty() {
+            methods = all
+                .into_iter()
+                .map(|p| (p.to_string(), MethodConfig::preset(p).expect("preset")))
+                .collect();
+        }
         let sweep = args.iter().any(|a| a == "sweep");
-        step_overhead(reps, if named.is_empty() { &all } else { &named }, sweep);
+        step_overhead(reps, &methods, sweep);
     }
     if !run("m2") {
         println!("load average at end: {}", loadavg());

@@ -113,6 +113,11 @@ pub struct InterferenceConfig {
     /// above it (dense codes: a ReLU SAE early in training) updates them from an evenly
     /// strided row sample that fits. Default 8M (TopK k = 40, B = 2048 has 3.2M).
     pub max_pair_events: u64,
+    /// Update the pair statistics every this many steps (1 = every step). With N > 1
+    /// the EMA takes every N-th batch with decay `ema_decay^N`, so its horizon in steps
+    /// is unchanged, and the steps in between penalise the pairs selected at the last
+    /// update (their decoder overlaps recomputed with the current decoder).
+    pub stats_every: usize,
 }
 
 impl Default for InterferenceConfig {
@@ -128,6 +133,7 @@ impl Default for InterferenceConfig {
             ema_max_entries: 4_000_000,
             max_pairs_per_step: 16384,
             max_pair_events: 8_000_000,
+            stats_every: 1,
         }
     }
 }
@@ -256,8 +262,12 @@ impl SelfCorrectingConfig {
                 p.ema_epsilon
             );
         }
-        if p.ema_max_entries < 16 || p.max_pairs_per_step == 0 || p.max_pair_events == 0 {
-            bail!("self_correcting.penalty: ema_max_entries must be >= 16, max_pairs_per_step and max_pair_events >= 1");
+        if p.ema_max_entries < 16
+            || p.max_pairs_per_step == 0
+            || p.max_pair_events == 0
+            || p.stats_every == 0
+        {
+            bail!("self_correcting.penalty: ema_max_entries must be >= 16, max_pairs_per_step, max_pair_events and stats_every >= 1");
         }
         let r = &self.reactivation;
         if r.enabled && (r.dead_window == 0 || r.check_every == 0 || r.hot_latents == 0) {
@@ -680,6 +690,9 @@ pub struct SelfCorrecting {
     started: bool,
     rng: Rng,
     last_mass: f64,
+    /// The pairs (and candidate count) of the last statistics update, penalised again
+    /// until the next one (`penalty.stats_every > 1`).
+    last_pairs: Option<(Vec<(u32, u32, f32)>, usize)>,
     pub log: Vec<ReactivationEvent>,
     pub total_reactivated: usize,
     resets: Arc<Mutex<Vec<u32>>>,
@@ -695,7 +708,7 @@ impl SelfCorrecting {
         cfg.validate(d_sae)?;
         let ema = PairEma::new(
             d_sae,
-            cfg.penalty.ema_decay as f32,
+            cfg.penalty.ema_decay.powi(cfg.penalty.stats_every as i32) as f32,
             cfg.penalty.ema_epsilon as f32,
             cfg.penalty.ema_max_entries,
         );
@@ -707,6 +720,7 @@ impl SelfCorrecting {
             started: false,
             rng: Rng::new(seed ^ 0x5e1f_c0de),
             last_mass: 0.0,
+            last_pairs: None,
             log: Vec::new(),
             total_reactivated: 0,
             resets,
@@ -761,6 +775,9 @@ impl SelfCorrecting {
         }
         for l in &mut self.ema.lists {
             l.retain(|e| !gone[e.j as usize]);
+        }
+        if let Some((pairs, _)) = &mut self.last_pairs {
+            pairs.retain(|&(i, j, _)| !gone[i as usize] && !gone[j as usize]);
         }
     }
 
@@ -824,6 +841,9 @@ struct ScState {
     started: bool,
     rng: [u64; 4],
     last_mass: f64,
+    /// `SelfCorrecting::last_pairs` (absent in states saved before `stats_every`).
+    #[serde(default)]
+    last_pairs: Option<(Vec<(u32, u32, f32)>, usize)>,
     log: Vec<ReactivationEvent>,
     total_reactivated: usize,
 }
@@ -863,26 +883,30 @@ impl Regularizer for SelfCorrecting {
         // part is on; the loss and decoder gradient only when the penalty is on (with
         // the penalty off the mass is still measured, as a diagnostic).
         if p.enabled || self.cfg.reactivation.enabled {
-            // Dense codes: statistics from a row sample within the pair budget.
-            let events = super::pairs::pair_events(codes);
-            let sample;
-            let stat_codes = if events > p.max_pair_events {
-                let stride = events.div_ceil(p.max_pair_events) as usize;
-                sample = super::pairs::row_sample(codes, stride);
-                metrics.push(("sc_pair_row_stride".into(), stride as f64));
-                &sample
-            } else {
-                codes
-            };
-            let (pairs, candidates) = interference_candidates(
-                stat_codes,
-                &mut self.ema,
-                p.statistic,
-                p.tau as f32,
-                p.max_pairs_per_step,
-            );
+            let update = self.last_pairs.is_none() || ctx.step.is_multiple_of(p.stats_every);
+            if update {
+                // Dense codes: statistics from a row sample within the pair budget.
+                let events = super::pairs::pair_events(codes);
+                let sample;
+                let stat_codes = if events > p.max_pair_events {
+                    let stride = events.div_ceil(p.max_pair_events) as usize;
+                    sample = super::pairs::row_sample(codes, stride);
+                    metrics.push(("sc_pair_row_stride".into(), stride as f64));
+                    &sample
+                } else {
+                    codes
+                };
+                self.last_pairs = Some(interference_candidates(
+                    stat_codes,
+                    &mut self.ema,
+                    p.statistic,
+                    p.tau as f32,
+                    p.max_pairs_per_step,
+                ));
+            }
+            let (pairs, candidates) = self.last_pairs.as_ref().expect("set above");
             let st = interference_penalty(
-                &pairs,
+                pairs,
                 ctx.w_dec,
                 ctx.d_in,
                 p.overlap,
@@ -897,7 +921,7 @@ impl Regularizer for SelfCorrecting {
             metrics.push(("sc_weight".into(), if p.enabled { p.weight } else { 0.0 }));
             metrics.push(("sc_tau".into(), p.tau));
             metrics.push(("sc_penalised_pairs".into(), st.pairs.len() as f64));
-            metrics.push(("sc_candidate_pairs".into(), candidates as f64));
+            metrics.push(("sc_candidate_pairs".into(), *candidates as f64));
             metrics.push(("sc_ema_entries".into(), self.ema.entries() as f64));
         }
         metrics.push(("sc_reactivated_total".into(), self.total_reactivated as f64));
@@ -979,6 +1003,7 @@ impl Regularizer for SelfCorrecting {
             started: self.started,
             rng: self.rng.state(),
             last_mass: self.last_mass,
+            last_pairs: self.last_pairs.clone(),
             log: self.log.clone(),
             total_reactivated: self.total_reactivated,
         };
@@ -1016,6 +1041,7 @@ impl Regularizer for SelfCorrecting {
         self.started = s.started;
         self.rng = Rng::from_state(s.rng);
         self.last_mass = s.last_mass;
+        self.last_pairs = s.last_pairs;
         self.log = s.log;
         self.total_reactivated = s.total_reactivated;
         Ok(())
@@ -1379,5 +1405,76 @@ mod tests {
         assert!(sc.ema.entries() > 0);
         let mass = metric(&out, "sc_interference_mass").unwrap();
         assert!(mass > 0.0);
+    }
+
+    #[test]
+    fn stats_every_updates_every_nth_step_and_resumes_identically() {
+        let (d_in, f, b) = (6usize, 12usize, 32usize);
+        let mut rng = Rng::new(21);
+        let mut w = vec![0f32; f * d_in];
+        rng.fill_normal(&mut w, 1.0);
+        let batches: Vec<SparseCodes> = (0..4)
+            .map(|_| {
+                let mut c = SparseCodes::with_capacity(b, f, b * 5);
+                for _ in 0..b {
+                    let perm = rng.permutation(f);
+                    c.push_row(perm[..5].iter().map(|&i| (i as u32, 0.2 + rng.f32())));
+                }
+                c
+            })
+            .collect();
+        let mut cfg = SelfCorrectingConfig::default();
+        cfg.penalty.stats_every = 2;
+        cfg.penalty.tau = 0.05;
+        cfg.rsvd.rank = 2;
+        cfg.reactivation.enabled = false;
+        cfg.profile_every = 0;
+        let new = |cfg: &SelfCorrectingConfig| {
+            SelfCorrecting::new(cfg.clone(), f, 3, Arc::new(Mutex::new(Vec::new()))).unwrap()
+        };
+        let mut sc = new(&cfg);
+        assert_eq!(sc.ema.momentum, 0.99f64.powi(2) as f32);
+        let x = vec![0f32; b * d_in];
+        let mut outs = Vec::new();
+        let mut ts = Vec::new();
+        let mut saved = Vec::new();
+        for (step, codes) in batches.iter().enumerate() {
+            let ctx = step_ctx(step, d_in, f, &x, &w);
+            outs.push(penalty_step(&mut sc, &ctx, codes));
+            ts.push(sc.ema.t);
+            saved.push(sc.save_state().unwrap());
+        }
+        // Statistics are updated at steps 0 and 2 only.
+        assert_eq!(ts, vec![1, 1, 2, 2]);
+        assert!(outs[0].0.loss > 0.0);
+        // Step 1 penalises step 0's pairs with the same decoder: the same loss and
+        // gradient, although its batch differs.
+        assert_eq!(outs[1].0.loss, outs[0].0.loss);
+        assert_eq!(outs[1].1.latents, outs[0].1.latents);
+        assert_eq!(outs[1].1.grads, outs[0].1.grads);
+        assert_ne!(outs[2].0.loss, outs[0].0.loss);
+        // Resuming after step 0 or 1 reproduces the next steps bit for bit.
+        for from in [0usize, 1] {
+            let mut r = new(&cfg);
+            r.load_state(&saved[from]).unwrap();
+            for step in from + 1..4 {
+                let ctx = step_ctx(step, d_in, f, &x, &w);
+                let (o, g) = penalty_step(&mut r, &ctx, &batches[step]);
+                assert_eq!(
+                    o.loss, outs[step].0.loss,
+                    "resumed after {from}, step {step}"
+                );
+                assert_eq!(g.grads, outs[step].1.grads);
+            }
+        }
+        // Every step (the default) updates every time.
+        cfg.penalty.stats_every = 1;
+        let mut every = new(&cfg);
+        for (step, codes) in batches.iter().enumerate() {
+            penalty_step(&mut every, &step_ctx(step, d_in, f, &x, &w), codes);
+        }
+        assert_eq!(every.ema.t, 4);
+        cfg.penalty.stats_every = 0;
+        assert!(cfg.validate(f).is_err());
     }
 }
