@@ -469,6 +469,10 @@ pub struct InterferenceStep {
     pub pairs: Vec<PenalisedPair>,
 }
 
+/// The penalised pairs of a statistics update, `(i, j, a_ij)` largest first, and the
+/// number of candidates before the per-step cap.
+pub type Candidates = (Vec<(u32, u32, f32)>, usize);
+
 /// Update the pair statistics from `codes` and return the co-firing pairs with
 /// `a_ij = s_ij - tau > 0`, largest first (ties by index), at most `max_pairs`.
 pub fn interference_candidates(
@@ -477,7 +481,7 @@ pub fn interference_candidates(
     statistic: Statistic,
     tau: f32,
     max_pairs: usize,
-) -> (Vec<(u32, u32, f32)>, usize) {
+) -> Candidates {
     let csc = Csc::build(codes);
     let col_norm = csc.col_norms();
     let inv_b = 1.0 / codes.rows.max(1) as f32;
@@ -692,7 +696,7 @@ pub struct SelfCorrecting {
     last_mass: f64,
     /// The pairs (and candidate count) of the last statistics update, penalised again
     /// until the next one (`penalty.stats_every > 1`).
-    last_pairs: Option<(Vec<(u32, u32, f32)>, usize)>,
+    last_pairs: Option<Candidates>,
     pub log: Vec<ReactivationEvent>,
     pub total_reactivated: usize,
     resets: Arc<Mutex<Vec<u32>>>,
@@ -843,7 +847,7 @@ struct ScState {
     last_mass: f64,
     /// `SelfCorrecting::last_pairs` (absent in states saved before `stats_every`).
     #[serde(default)]
-    last_pairs: Option<(Vec<(u32, u32, f32)>, usize)>,
+    last_pairs: Option<Candidates>,
     log: Vec<ReactivationEvent>,
     total_reactivated: usize,
 }
