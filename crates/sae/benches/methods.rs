@@ -348,45 +348,52 @@ fn main() {
     let (f, k, b, d_in) = (16384usize, 40usize, 2048usize, 2304usize);
     let mut w = vec![0f32; f * d_in];
     rng.fill_normal(&mut w, 1.0 / (d_in as f32).sqrt());
-    let batches: Vec<SparseCodes> = (0..4)
-        .map(|_| synth_codes(&mut rng, b, f, k, 1.0))
-        .collect();
-    let mut ema = PairEma::new(f, 0.99, 1e-3, 4_000_000);
-    for s in 0..20 {
-        interference_candidates(
-            &batches[s % 4],
-            &mut ema,
-            Statistic::Correlation,
-            0.1,
-            16384,
-        );
-    }
-    let mut s = 0;
+    // zipf = 1: skewed firing, fewer and hotter pairs; zipf = 0: nearly every pair
+    // event a distinct pair (the store at its bound, as in the step benchmark).
     let mut last = (Vec::new(), 0);
-    let (mn, md) = time_ms(
-        || {
-            s += 1;
-            last = interference_candidates(
+    for zipf in [1.0, 0.0] {
+        let batches: Vec<SparseCodes> = (0..4)
+            .map(|_| synth_codes(&mut rng, b, f, k, zipf))
+            .collect();
+        let mut ema = PairEma::new(f, 0.99, 1e-3, 4_000_000);
+        for s in 0..20 {
+            interference_candidates(
                 &batches[s % 4],
                 &mut ema,
                 Statistic::Correlation,
                 0.1,
                 16384,
             );
-        },
-        reps,
-    );
-    println!(
-        "method2 pair statistics (EMA 0.99) F={f} k={k} B={b} zipf=1: min {mn:.1} ms, median {md:.1} ms per step \
+        }
+        let mut s = 0;
+        let (mn, md) = time_ms(
+            || {
+                s += 1;
+                last = interference_candidates(
+                    &batches[s % 4],
+                    &mut ema,
+                    Statistic::Correlation,
+                    0.1,
+                    16384,
+                );
+            },
+            reps,
+        );
+        println!(
+        "method2 pair statistics (EMA 0.99) F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step \
          (candidate pairs above tau=0.1: {}, kept {}, stored entries {})",
         last.1,
         last.0.len(),
         ema.entries()
     );
+    }
     let pairs = last.0.clone();
+    // The trainer keeps the row-gradient buffer across steps; so does this loop.
+    let mut gd = DecoderRowGrads::default();
     let (mn, md) = time_ms(
         || {
-            let mut gd = DecoderRowGrads::default();
+            gd.latents.clear();
+            gd.grads.clear();
             interference_penalty(&pairs, &w, d_in, Overlap::CosSquared, 0.01, Some(&mut gd));
         },
         reps,

@@ -540,28 +540,36 @@ pub fn interference_penalty(
     grad_dec: Option<&mut DecoderRowGrads>,
 ) -> InterferenceStep {
     let row = |i: u32| &w_dec[i as usize * d_in..(i as usize + 1) * d_in];
-    let norm = |i: u32| super::norm(row(i)).max(1e-12) as f32;
-    let evaluated: Vec<(PenalisedPair, f32, f32, f32)> = pairs
+    // Each involved row's norm once (a latent is in many pairs), in a dense table.
+    let mut involved: Vec<u32> = pairs.iter().flat_map(|&(i, j, _)| [i, j]).collect();
+    involved.sort_unstable();
+    involved.dedup();
+    let mut norms = vec![0f32; w_dec.len() / d_in.max(1)];
+    let computed: Vec<f32> = involved
+        .par_iter()
+        .map(|&i| super::norm(row(i)).max(1e-12) as f32)
+        .collect();
+    for (&i, &n) in involved.iter().zip(&computed) {
+        norms[i as usize] = n;
+    }
+    let evaluated: Vec<(PenalisedPair, f32)> = pairs
         .par_iter()
         .map(|&(i, j, a)| {
-            let (ni, nj) = (norm(i), norm(j));
+            let (ni, nj) = (norms[i as usize], norms[j as usize]);
             let dot = super::dot(row(i), row(j));
             let cos = (dot / (ni as f64 * nj as f64)) as f32;
             let (g, _) = overlap.eval(cos);
-            (PenalisedPair { i, j, a, cos }, a * g, ni, nj)
+            (PenalisedPair { i, j, a, cos }, a * g)
         })
         .collect();
     let mass: f64 = evaluated.iter().map(|e| e.1 as f64).sum();
     if let Some(gd) = grad_dec {
         // Adjacency per involved latent: (other, b = weight * a * g'(cos), cos).
         let mut adj: Vec<(u32, u32, f32, f32)> = Vec::with_capacity(2 * evaluated.len());
-        let mut norms = std::collections::BTreeMap::new();
-        for (p, _, ni, nj) in &evaluated {
+        for (p, _) in &evaluated {
             let b = weight * p.a * overlap.eval(p.cos).1;
             adj.push((p.i, p.j, b, p.cos));
             adj.push((p.j, p.i, b, p.cos));
-            norms.insert(p.i, *ni);
-            norms.insert(p.j, *nj);
         }
         adj.sort_unstable_by_key(|e| (e.0, e.1));
         let mut groups: Vec<&[(u32, u32, f32, f32)]> = Vec::new();
@@ -582,10 +590,10 @@ pub fn interference_penalty(
             .zip(groups.par_iter())
             .for_each(|(out, g)| {
                 let i = g[0].0;
-                let ni = norms[&i];
+                let ni = norms[i as usize];
                 let mut self_coef = 0f32;
                 for &(_, j, b, cos) in g.iter() {
-                    let c = b / (ni * norms[&j]);
+                    let c = b / (ni * norms[j as usize]);
                     out.iter_mut().zip(row(j)).for_each(|(o, x)| *o += c * x);
                     self_coef += b * cos / (ni * ni);
                 }
