@@ -321,10 +321,11 @@ fn main() {
         // `method = "self_correcting"` with `[penalty] ema_max_entries = 1_000_000`),
         // labelled by the file name.
         let all = ["progressive", "static_control", "self_correcting_no_gate"];
+        let preset = |p: &str| (p.to_string(), MethodConfig::preset(p).expect("preset"));
         let mut methods: Vec<(String, MethodConfig)> = all
             .into_iter()
             .filter(|p| args.iter().any(|a| a == p))
-            .map(|p| (p.to_string(), MethodConfig::preset(p).expect("preset")))
+            .map(preset)
             .collect();
         for a in args.iter().filter(|a| a.ends_with(".toml")) {
             let text = std::fs::read_to_string(a).unwrap_or_else(|e| panic!("{a}: {e}"));
@@ -332,10 +333,7 @@ fn main() {
             methods.push((a.clone(), m));
         }
         if methods.is_empty() {
-            methods = all
-                .into_iter()
-                .map(|p| (p.to_string(), MethodConfig::preset(p).expect("preset")))
-                .collect();
+            methods = all.into_iter().map(preset).collect();
         }
         let sweep = args.iter().any(|a| a == "sweep");
         step_overhead(reps, &methods, sweep);
