@@ -17,7 +17,7 @@ use saelab_sae::methods::self_correcting::{
     interference_candidates, interference_penalty, GateConfig, Overlap, Statistic, ZScoreGate,
 };
 use saelab_sae::methods::MethodConfig;
-use saelab_sae::regularizer::{DecoderRowGrads, Gate};
+use saelab_sae::regularizer::{DecoderGradBuf, Gate};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::trainer::{TrainHooks, TrainSae};
 use std::sync::{Arc, Mutex};
@@ -59,11 +59,14 @@ fn synth_codes(rng: &mut Rng, b: usize, f: usize, k: usize, zipf: f64) -> Sparse
 
 /// A whole TopK training step (the trainer of `saelab_sae::trainer`, F = 16384, k = 40,
 /// B = 2048, d_in = 576 as SmolLM2-135M) without and with each method's hooks. Steps of
-/// the two models alternate, so slow phases of other load hit both alike.
-fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
+/// the two models alternate, so slow phases of other load hit both alike. `warmup`
+/// untimed steps come first: the default 2 times the methods while their pair stores
+/// are still filling (Method 2's takes ~10 steps to reach its bound and steady state,
+/// which is what the thousands of steps of a real run cost).
+fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool, warmup: usize) {
     let (f, k, b, d) = (16384usize, 40usize, 2048usize, 576usize);
     let steps = if sweep { 3 * reps.max(4) } else { reps.max(4) };
-    let x = sparse_mixture(b * (steps + 2), d, 4096, 40, 0.05, 7);
+    let x = sparse_mixture(b * (steps + warmup), d, 4096, 40, 0.05, 7);
     let cfg = TrainConfig {
         architecture: Architecture::Topk,
         d_sae: f,
@@ -71,7 +74,7 @@ fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
         batch_size: b,
         // `sweep`: the timed steps cover training progress p from 0 to 1 (the schedules,
         // and the pair statistics that follow them, change with p); otherwise p ~ 0.
-        total_tokens: (b * if sweep { steps + 2 } else { 1000 }) as u64,
+        total_tokens: (b * if sweep { steps + warmup } else { 1000 }) as u64,
         ..Default::default()
     };
     for (preset, method) in methods {
@@ -84,8 +87,8 @@ fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
             gate: built.gate,
         };
         let (mut tp, mut tm) = (Vec::new(), Vec::new());
-        for s in 0..steps + 2 {
-            if s == 2 {
+        for s in 0..steps + warmup {
+            if s == warmup {
                 // Per-phase wall time of the timed steps, to show where the method's cost is.
                 plain.profile = Some(Vec::new());
                 with.profile = Some(Vec::new());
@@ -109,7 +112,7 @@ fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
                     ex.join(" ")
                 );
             }
-            if s >= 2 {
+            if s >= warmup {
                 tp.push(a);
                 tm.push(m);
             }
@@ -118,7 +121,7 @@ fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool) {
         tm.sort_by(|a, b| a.total_cmp(b));
         let (pm, mm) = (tp[tp.len() / 2], tm[tm.len() / 2]);
         println!(
-            "TopK step d_in={d} F={f} k={k} B={b}, {steps} alternating steps{}: plain median {pm:.1} ms (min {:.1}), \
+            "TopK step d_in={d} F={f} k={k} B={b}, {steps} alternating steps after {warmup}{}: plain median {pm:.1} ms (min {:.1}), \
              with {preset} median {mm:.1} ms (min {:.1}); ratio of medians {:.3}, of minima {:.3}, of sums {:.3}",
             if sweep { " over p = 0..1" } else { "" },
             tp[0],
@@ -336,7 +339,12 @@ fn main() {
             methods = all.into_iter().map(preset).collect();
         }
         let sweep = args.iter().any(|a| a == "sweep");
-        step_overhead(reps, &methods, sweep);
+        // `warmup=N`: untimed steps before the timed ones (default 2).
+        let warmup = args
+            .iter()
+            .find_map(|a| a.strip_prefix("warmup="))
+            .map_or(2, |n| n.parse().expect("warmup=N takes a number"));
+        step_overhead(reps, &methods, sweep, warmup);
     }
     if !run("m2") {
         println!("load average at end: {}", loadavg());
@@ -350,32 +358,29 @@ fn main() {
     // event a distinct pair (the store at its bound, as in the step benchmark).
     let mut last = (Vec::new(), 0);
     for zipf in [1.0, 0.0] {
-        let batches: Vec<SparseCodes> = (0..4)
+        // Distinct batches throughout (repeating a few batches would make the same pairs
+        // co-fire again and again); 20 untimed updates bring the store to steady state.
+        let (warm, timed) = (20, 3 * reps);
+        let batches: Vec<SparseCodes> = (0..warm + timed)
             .map(|_| synth_codes(&mut rng, b, f, k, zipf))
             .collect();
         let mut ema = PairEma::new(f, 0.99, 1e-3, 4_000_000);
-        for s in 0..20 {
-            interference_candidates(
-                &batches[s % 4],
-                &mut ema,
-                Statistic::Correlation,
-                0.1,
-                16384,
-            );
+        for batch in &batches[..warm] {
+            interference_candidates(batch, &mut ema, Statistic::Correlation, 0.1, 16384);
         }
-        let mut s = 0;
+        let mut s = warm;
         let (mn, md) = time_ms(
             || {
-                s += 1;
                 last = interference_candidates(
-                    &batches[s % 4],
+                    &batches[s],
                     &mut ema,
                     Statistic::Correlation,
                     0.1,
                     16384,
                 );
+                s += 1;
             },
-            reps,
+            timed,
         );
         println!(
         "method2 pair statistics (EMA 0.99) F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step \
@@ -386,13 +391,19 @@ fn main() {
     );
     }
     let pairs = last.0.clone();
-    // The trainer keeps the row-gradient buffer across steps; so does this loop.
-    let mut gd = DecoderRowGrads::default();
+    // Added into a dense gradient buffer that persists across steps, as the trainer's.
+    let mut gd = DecoderGradBuf::zeros(f, d_in);
     let (mn, md) = time_ms(
         || {
-            gd.latents.clear();
-            gd.grads.clear();
-            interference_penalty(&pairs, &w, d_in, Overlap::CosSquared, 0.01, Some(&mut gd));
+            gd.touched.clear();
+            interference_penalty(
+                &pairs,
+                &w,
+                d_in,
+                Overlap::CosSquared,
+                0.01,
+                Some(&mut gd.view()),
+            );
         },
         reps,
     );

@@ -38,18 +38,52 @@ impl StepContext<'_> {
     }
 }
 
-/// Sparse gradient contributions to decoder rows: `(latent, grad row of length d_in)`.
-/// Rows may repeat; the trainer sums them.
-#[derive(Default, Debug, Clone)]
-pub struct DecoderRowGrads {
-    pub latents: Vec<u32>,
-    pub grads: Vec<f32>,
+/// d(loss)/d(W_dec) as the trainer holds it: its dense `[d_sae, d_in]` gradient, which
+/// already holds the reconstruction's part when regularizers run. A regularizer adds
+/// its rows in place (at d_sae = 16384 a separate buffer of rows, zeroed, filled and
+/// then added by the trainer, cost as much as the self-correcting penalty's arithmetic)
+/// and lists the latents whose rows it changed in `touched`: the trainer's later
+/// passes over the decoder gradient (parallel-component removal, gradient norm) visit
+/// only listed rows. Listing a latent twice is harmless.
+pub struct DecoderGrad<'a> {
+    pub d_in: usize,
+    pub grad: &'a mut [f32],
+    pub touched: &'a mut Vec<u32>,
 }
 
-impl DecoderRowGrads {
-    pub fn push(&mut self, latent: u32, grad: &[f32]) {
-        self.latents.push(latent);
-        self.grads.extend_from_slice(grad);
+impl DecoderGrad<'_> {
+    /// Row `latent` of the gradient, listed as touched.
+    pub fn row_mut(&mut self, latent: u32) -> &mut [f32] {
+        self.touched.push(latent);
+        let (l, d) = (latent as usize, self.d_in);
+        &mut self.grad[l * d..(l + 1) * d]
+    }
+}
+
+/// An owned dense decoder gradient and its touched list (tests, benchmarks, and any
+/// caller outside the trainer): `view()` lends it as a [`DecoderGrad`].
+#[derive(Clone, Debug, Default)]
+pub struct DecoderGradBuf {
+    pub d_in: usize,
+    pub grad: Vec<f32>,
+    pub touched: Vec<u32>,
+}
+
+impl DecoderGradBuf {
+    pub fn zeros(d_sae: usize, d_in: usize) -> DecoderGradBuf {
+        DecoderGradBuf {
+            d_in,
+            grad: vec![0.0; d_sae * d_in],
+            touched: Vec::new(),
+        }
+    }
+
+    pub fn view(&mut self) -> DecoderGrad<'_> {
+        DecoderGrad {
+            d_in: self.d_in,
+            grad: &mut self.grad,
+            touched: &mut self.touched,
+        }
     }
 }
 
@@ -87,13 +121,14 @@ pub trait Regularizer: Send {
     fn name(&self) -> &str;
 
     /// Compute the penalty for this step. Add d(loss)/d(codes.val) into `grad_val`
-    /// (aligned with `codes.val`), and d(loss)/d(W_dec rows) into `grad_dec`.
+    /// (aligned with `codes.val`), and d(loss)/d(W_dec rows) into `grad_dec`, listing
+    /// the rows it changed.
     fn penalty(
         &mut self,
         ctx: &StepContext,
         codes: &SparseCodes,
         grad_val: &mut [f32],
-        grad_dec: &mut DecoderRowGrads,
+        grad_dec: &mut DecoderGrad<'_>,
     ) -> Result<PenaltyOut>;
 
     /// Called after the optimizer step; may return latents to re-initialise.

@@ -10,7 +10,7 @@ use crate::codes::SparseCodes;
 use crate::config::{Architecture, BDecInit, L0Penalty, TrainConfig};
 use crate::kernels::{self, AdamHyper, Csc};
 use crate::model::{InferenceArch, Sae};
-use crate::regularizer::{DecoderRowGrads, Gate, Regularizer, StepContext};
+use crate::regularizer::{DecoderGrad, Gate, Regularizer, StepContext};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use saelab_core::gemm::MatRef;
@@ -139,10 +139,9 @@ pub struct TrainSae {
     /// When `Some`, seconds spent per step phase are accumulated here (benchmarks).
     pub profile: Option<Vec<(&'static str, f64)>>,
     pre_buf: Vec<f32>,
-    /// The regularizers' decoder-row gradients, kept across steps: tens of MB per step
-    /// at F = 16384 whose fresh allocation (page faults on zero pages) cost more than
-    /// the penalty itself.
-    reg_dec: DecoderRowGrads,
+    /// The latents whose decoder-gradient rows the regularizers changed this step (kept
+    /// across steps to reuse its allocation).
+    reg_touched: Vec<u32>,
 }
 
 /// Per-row selection result of the encoder pass.
@@ -298,7 +297,7 @@ impl TrainSae {
             initialized: false,
             profile: None,
             pre_buf: Vec::new(),
-            reg_dec: DecoderRowGrads::default(),
+            reg_touched: Vec::new(),
             cfg,
         })
     }
@@ -815,9 +814,9 @@ impl TrainSae {
             ),
         }
         drop(dense_codes);
-        self.tensors[W_DEC].g = g_dec;
+        // `g_dec` stays out of the tensor until the regularizers have added their rows
+        // (below); nothing in between can return early.
         let w_dec = &self.tensors[W_DEC].p;
-        let b_dec = &self.tensors[B_DEC].p;
         let l1s = self.l1_scale();
         let mut sparsity_loss = 0f64;
         // Extra decoder-row gradients from penalties involving decoder norms.
@@ -920,10 +919,12 @@ impl TrainSae {
         // ---- research-method regularizers ----
         let mut reg_loss = 0f64;
         let mut extra = Vec::new();
-        let mut reg_dec = std::mem::take(&mut self.reg_dec);
-        reg_dec.latents.clear();
-        reg_dec.grads.clear();
-        if !hooks.regularizers.is_empty() {
+        let mut reg_touched = std::mem::take(&mut self.reg_touched);
+        reg_touched.clear();
+        let reg_result = (|| -> Result<()> {
+            if hooks.regularizers.is_empty() {
+                return Ok(());
+            }
             let ctx = StepContext {
                 step: self.step,
                 total_steps: self.total_steps,
@@ -936,13 +937,16 @@ impl TrainSae {
             };
             let mut gv = vec![0f32; nnz];
             for reg in hooks.regularizers.iter_mut() {
-                let before = reg_dec.latents.len();
-                let out = reg.penalty(&ctx, codes, &mut gv, &mut reg_dec)?;
-                if reg_dec.grads.len() != reg_dec.latents.len() * d
-                    || reg_dec.latents[before..].iter().any(|&l| l as usize >= f)
-                {
+                let before = reg_touched.len();
+                let mut gd = DecoderGrad {
+                    d_in: d,
+                    grad: &mut g_dec,
+                    touched: &mut reg_touched,
+                };
+                let out = reg.penalty(&ctx, codes, &mut gv, &mut gd)?;
+                if g_dec.len() != f * d || reg_touched[before..].iter().any(|&l| l as usize >= f) {
                     bail!(
-                        "regularizer '{}' returned malformed decoder-row gradients",
+                        "regularizer '{}' resized the decoder gradient or listed a latent >= {f}",
                         reg.name()
                     );
                 }
@@ -963,7 +967,12 @@ impl TrainSae {
             for (g, r) in grad_val.iter_mut().zip(&gv) {
                 *g += r;
             }
-        }
+            Ok(())
+        })();
+        self.tensors[W_DEC].g = g_dec;
+        reg_result?;
+        let w_dec = &self.tensors[W_DEC].p;
+        let b_dec = &self.tensors[B_DEC].p;
 
         // ---- JumpReLU STE: d f / d theta = -(theta/eps) K((pre - theta)/eps), applied to the
         // full upstream gradient of each code value (reconstruction, penalty, regularizers).
@@ -1073,14 +1082,6 @@ impl TrainSae {
                     let (gr, wr) = (&mut g_dec[l * d..(l + 1) * d], &w[l * d..(l + 1) * d]);
                     kernels::axpy(c / n, wr, gr);
                 }
-            }
-            for (i, &l) in reg_dec.latents.iter().enumerate() {
-                let l = l as usize;
-                kernels::axpy(
-                    1.0,
-                    &reg_dec.grads[i * d..(i + 1) * d],
-                    &mut g_dec[l * d..(l + 1) * d],
-                );
             }
         }
 
@@ -1203,10 +1204,10 @@ impl TrainSae {
 
         // Decoder rows with a gradient (the parallel-component removal touches only these).
         let mut touched = vec![false; f];
-        for &l in codes.idx.iter().chain(&aux.idx).chain(&reg_dec.latents) {
+        for &l in codes.idx.iter().chain(&aux.idx).chain(&reg_touched) {
             touched[l as usize] = true;
         }
-        self.reg_dec = reg_dec;
+        self.reg_touched = reg_touched;
         for &(l, _) in &dec_norm_grad {
             touched[l as usize] = true;
         }

@@ -6,7 +6,7 @@ use saelab_core::rng::Rng;
 use saelab_core::source::MatrixSource;
 use saelab_sae::codes::SparseCodes;
 use saelab_sae::config::{Architecture, TrainConfig};
-use saelab_sae::regularizer::{DecoderRowGrads, Gate, PenaltyOut, Regularizer, StepContext};
+use saelab_sae::regularizer::{DecoderGrad, Gate, PenaltyOut, Regularizer, StepContext};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::train::{train, TrainOptions};
 use saelab_sae::trainer::{TrainHooks, TrainSae, W_DEC};
@@ -26,14 +26,15 @@ impl Regularizer for TestReg {
         ctx: &StepContext,
         codes: &SparseCodes,
         grad_val: &mut [f32],
-        grad_dec: &mut DecoderRowGrads,
+        grad_dec: &mut DecoderGrad<'_>,
     ) -> Result<PenaltyOut> {
         self.calls += 1;
         let w = 1e-3f32;
         let b = codes.rows as f32;
         grad_val.iter_mut().for_each(|g| *g += w / b);
-        let row0: Vec<f32> = ctx.w_dec[..ctx.d_in].iter().map(|v| v * w).collect();
-        grad_dec.push(0, &row0);
+        for (g, v) in grad_dec.row_mut(0).iter_mut().zip(&ctx.w_dec[..ctx.d_in]) {
+            *g += v * w;
+        }
         assert_eq!(ctx.pre_active.unwrap().len(), codes.nnz());
         Ok(PenaltyOut {
             loss: (w * codes.val.iter().sum::<f32>() / b) as f64,

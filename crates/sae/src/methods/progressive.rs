@@ -14,7 +14,7 @@
 use super::pairs::{run_latents, Csc, PairEma};
 use super::schedule::{warmup_factor, ThresholdSchedule, WeightSchedule};
 use crate::codes::SparseCodes;
-use crate::regularizer::{DecoderRowGrads, PenaltyOut, Regularizer, StepContext};
+use crate::regularizer::{DecoderGrad, PenaltyOut, Regularizer, StepContext};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -202,7 +202,7 @@ pub fn sparse_penalty(
             // Batch values: n_ij = C_ij / count_j, n_ji = C_ij / count_i.
             let batch = |j: u32, c: u32| [c as f32 * inv_counts[j as usize], c as f32 * inv_i];
             let mut evicted = 0;
-            if let (Some(w), Some(list)) = (walk, list) {
+            if let (Some(w), Some(list)) = (walk.as_ref(), list) {
                 let acc = &s.acc;
                 evicted =
                     PairEma::update_list(w, list, &s.touched, &mut s.pos, &mut s.ema_val, |j| {
@@ -405,7 +405,7 @@ impl Regularizer for ProgressiveOrtho {
         ctx: &StepContext,
         codes: &SparseCodes,
         grad_val: &mut [f32],
-        _grad_dec: &mut DecoderRowGrads,
+        _grad_dec: &mut DecoderGrad<'_>,
     ) -> Result<PenaltyOut> {
         if codes.d_sae != ctx.d_sae || grad_val.len() != codes.val.len() {
             bail!(
@@ -466,6 +466,7 @@ impl Regularizer for ProgressiveOrtho {
 mod tests {
     #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
     use super::*;
+    use crate::regularizer::DecoderGradBuf;
     use saelab_core::rng::Rng;
 
     /// Random codes with a few "twin" latents that tend to co-fire, so that c_ij spans
@@ -655,7 +656,7 @@ mod tests {
         };
         let mut g = vec![1f32; c.nnz()];
         let out = reg
-            .penalty(&ctx, &c, &mut g, &mut DecoderRowGrads::default())
+            .penalty(&ctx, &c, &mut g, &mut DecoderGradBuf::default().view())
             .unwrap();
         let (raw, gd) = dense_reference(&c.to_dense(), 32, 17, 0.85, 0.25, false, None);
         assert!((out.loss - 0.25 * raw).abs() < 1e-5 * (1.0 + raw));
@@ -672,7 +673,7 @@ mod tests {
         let mut with_ema = ProgressiveOrtho::new(ProgressiveConfig::default(), 17).unwrap();
         let mut g2 = vec![0f32; c.nnz()];
         with_ema
-            .penalty(&ctx, &c, &mut g2, &mut DecoderRowGrads::default())
+            .penalty(&ctx, &c, &mut g2, &mut DecoderGradBuf::default().view())
             .unwrap();
         let bytes = with_ema.save_state().unwrap();
         assert!(!bytes.is_empty());
@@ -685,7 +686,7 @@ mod tests {
         assert!(reg.load_state(&bytes).is_err()); // static control has no EMA
         let mut bad = vec![0f32; 3];
         assert!(reg
-            .penalty(&ctx, &c, &mut bad, &mut DecoderRowGrads::default())
+            .penalty(&ctx, &c, &mut bad, &mut DecoderGradBuf::default().view())
             .is_err());
     }
 }

@@ -5,7 +5,7 @@
 //! 2. [`SelfCorrecting`] (a [`Regularizer`]): interference-weighted orthogonality
 //!    penalty `weight * sum_(i<j) max(0, s_ij - tau) * overlap(cos(d_i, d_j))` over pairs
 //!    that co-fire in the batch, `s_ij` an EMA co-activation statistic (no gradient),
-//!    gradient to both decoder rows through [`DecoderRowGrads`].
+//!    gradient to both decoder rows, added in place into the trainer's [`DecoderGrad`].
 //! 3. Reactivation: latents dead for `dead_window` steps whose decoder direction
 //!    overlaps a high-interference latent are returned from `after_step`.
 //! 4. Rank-r randomized SVD of the sparse interference matrix `A_ij = max(0, s_ij - tau)`
@@ -18,7 +18,7 @@ use super::monitor::{decoder_cosine_stats, CosineOptions};
 use super::pairs::{run_latents, Csc, PairEma};
 use super::rsvd::{randomized_svd, DenseOp, SparseSymOp};
 use crate::codes::SparseCodes;
-use crate::regularizer::{DecoderRowGrads, Gate, PenaltyOut, Regularizer, StepContext};
+use crate::regularizer::{DecoderGrad, Gate, PenaltyOut, Regularizer, StepContext};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use saelab_core::gemm::{gemm, MatMut, MatRef};
@@ -495,7 +495,7 @@ pub fn interference_candidates(
             let list = list.expect("lists given");
             let acc = &s.acc;
             let evicted =
-                PairEma::update_list(walk, list, &s.touched, &mut s.pos, &mut s.ema_val, |j| {
+                PairEma::update_list(&walk, list, &s.touched, &mut s.pos, &mut s.ema_val, |j| {
                     let d = acc[j as usize].1;
                     let x = match statistic {
                         Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
@@ -528,8 +528,8 @@ pub fn interference_candidates(
 }
 
 /// The interference penalty on the decoder for the given pairs: returns the step
-/// summary and pushes `weight * d(mass)/d(W_dec rows)` into `grad_dec` (one row per
-/// involved latent, ascending latent order). Rows need not be unit norm: the gradient
+/// summary and adds `weight * d(mass)/d(W_dec rows)` into `grad_dec` (listing each
+/// involved latent once, ascending). Rows need not be unit norm: the gradient
 /// of `cos(u, v) = u.v / (|u||v|)` is `v / (|u||v|) - cos u / |u|^2`.
 pub fn interference_penalty(
     pairs: &[(u32, u32, f32)],
@@ -537,14 +537,19 @@ pub fn interference_penalty(
     d_in: usize,
     overlap: Overlap,
     weight: f32,
-    grad_dec: Option<&mut DecoderRowGrads>,
+    grad_dec: Option<&mut DecoderGrad<'_>>,
 ) -> InterferenceStep {
     let row = |i: u32| &w_dec[i as usize * d_in..(i as usize + 1) * d_in];
     // Each involved row's norm once (a latent is in many pairs), in a dense table.
-    let mut involved: Vec<u32> = pairs.iter().flat_map(|&(i, j, _)| [i, j]).collect();
-    involved.sort_unstable();
-    involved.dedup();
     let mut norms = vec![0f32; w_dec.len() / d_in.max(1)];
+    let mut marked = vec![false; norms.len()];
+    for &(i, j, _) in pairs {
+        marked[i as usize] = true;
+        marked[j as usize] = true;
+    }
+    let involved: Vec<u32> = (0..norms.len() as u32)
+        .filter(|&i| marked[i as usize])
+        .collect();
     let computed: Vec<f32> = involved
         .par_iter()
         .map(|&i| super::norm(row(i)).max(1e-12) as f32)
@@ -552,61 +557,108 @@ pub fn interference_penalty(
     for (&i, &n) in involved.iter().zip(&computed) {
         norms[i as usize] = n;
     }
-    let evaluated: Vec<(PenalisedPair, f32)> = pairs
-        .par_iter()
-        .map(|&(i, j, a)| {
-            let (ni, nj) = (norms[i as usize], norms[j as usize]);
-            let dot = super::dot(row(i), row(j));
-            let cos = (dot / (ni as f64 * nj as f64)) as f32;
-            let (g, _) = overlap.eval(cos);
-            (PenalisedPair { i, j, a, cos }, a * g)
+    let Some(gd) = grad_dec else {
+        let evaluated: Vec<PenalisedPair> = pairs
+            .par_iter()
+            .map(|&(i, j, a)| {
+                let cos = pair_cos(row(i), row(j), norms[i as usize], norms[j as usize]);
+                PenalisedPair { i, j, a, cos }
+            })
+            .collect();
+        return InterferenceStep {
+            mass: evaluated
+                .iter()
+                .map(|p| (p.a * overlap.eval(p.cos).0) as f64)
+                .sum(),
+            candidates: pairs.len(),
+            pairs: evaluated,
+        };
+    };
+    // With the gradient, each pair is evaluated from both of its rows, row by row:
+    // partner j's row is read once for its dot product and its gradient term (a
+    // separate pass computing every cos first read each pair's rows twice more; this
+    // phase is memory-bound). Both sides compute the same cos bit for bit.
+    assert_eq!(gd.d_in, d_in, "decoder gradient of another width");
+    // Adjacency per involved latent: (latent, other, pair index), by latent then other.
+    let mut adj: Vec<Adjacent> = Vec::with_capacity(2 * pairs.len());
+    for (k, &(i, j, _)) in pairs.iter().enumerate() {
+        adj.push((i, j, k as u32));
+        adj.push((j, i, k as u32));
+    }
+    adj.sort_unstable_by_key(|e| (e.0, e.1));
+    let mut group_of = vec![u32::MAX; norms.len()];
+    let mut groups: Vec<&[Adjacent]> = Vec::new();
+    let mut start = 0;
+    for k in 1..=adj.len() {
+        if k == adj.len() || adj[k].0 != adj[start].0 {
+            group_of[adj[start].0 as usize] = groups.len() as u32;
+            groups.push(&adj[start..k]);
+            start = k;
+        }
+    }
+    gd.touched.extend(groups.iter().map(|g| g[0].0));
+    // Disjoint rows of the trainer's gradient, one per group (no data touched here).
+    let mut targets: Vec<(&mut [f32], &[Adjacent])> = gd.grad[..norms.len() * d_in]
+        .chunks_mut(d_in)
+        .zip(&group_of)
+        .filter(|(_, &k)| k != u32::MAX)
+        .map(|(out, &k)| (out, groups[k as usize]))
+        .collect();
+    // Each group returns the cos of the pairs it owns (those where it is `i`).
+    let owned: Vec<Vec<(u32, f32)>> = targets
+        .par_iter_mut()
+        .with_min_len(16)
+        .map(|(out, g)| {
+            let i = g[0].0;
+            let ni = norms[i as usize];
+            let ri = row(i);
+            let mut self_coef = 0f32;
+            let mut mine = Vec::new();
+            for &(_, j, k) in g.iter() {
+                let (pi, _, a) = pairs[k as usize];
+                let nj = norms[j as usize];
+                let rj = row(j);
+                let cos = pair_cos(ri, rj, ni, nj);
+                let b = weight * a * overlap.eval(cos).1;
+                let c = b / (ni * nj);
+                out.iter_mut().zip(rj).for_each(|(o, x)| *o += c * x);
+                self_coef += b * cos / (ni * ni);
+                if pi == i {
+                    mine.push((k, cos));
+                }
+            }
+            out.iter_mut()
+                .zip(ri)
+                .for_each(|(o, x)| *o -= self_coef * x);
+            mine
         })
         .collect();
-    let mass: f64 = evaluated.iter().map(|e| e.1 as f64).sum();
-    if let Some(gd) = grad_dec {
-        // Adjacency per involved latent: (other, b = weight * a * g'(cos), cos).
-        let mut adj: Vec<(u32, u32, f32, f32)> = Vec::with_capacity(2 * evaluated.len());
-        for (p, _) in &evaluated {
-            let b = weight * p.a * overlap.eval(p.cos).1;
-            adj.push((p.i, p.j, b, p.cos));
-            adj.push((p.j, p.i, b, p.cos));
-        }
-        adj.sort_unstable_by_key(|e| (e.0, e.1));
-        let mut groups: Vec<&[(u32, u32, f32, f32)]> = Vec::new();
-        let mut start = 0;
-        for k in 1..=adj.len() {
-            if k == adj.len() || adj[k].0 != adj[start].0 {
-                groups.push(&adj[start..k]);
-                start = k;
-            }
-        }
-        // Write the rows in place (no per-row allocation or copy: at d_in = 2304 the
-        // rows of a step are tens of MB).
-        let base = gd.grads.len();
-        gd.latents.extend(groups.iter().map(|g| g[0].0));
-        gd.grads.resize(base + groups.len() * d_in, 0.0);
-        gd.grads[base..]
-            .par_chunks_mut(d_in)
-            .zip(groups.par_iter())
-            .for_each(|(out, g)| {
-                let i = g[0].0;
-                let ni = norms[i as usize];
-                let mut self_coef = 0f32;
-                for &(_, j, b, cos) in g.iter() {
-                    let c = b / (ni * norms[j as usize]);
-                    out.iter_mut().zip(row(j)).for_each(|(o, x)| *o += c * x);
-                    self_coef += b * cos / (ni * ni);
-                }
-                out.iter_mut()
-                    .zip(row(i))
-                    .for_each(|(o, x)| *o -= self_coef * x);
-            });
+    let mut cos = vec![0f32; pairs.len()];
+    for (k, c) in owned.into_iter().flatten() {
+        cos[k as usize] = c;
     }
+    let evaluated: Vec<PenalisedPair> = pairs
+        .iter()
+        .zip(&cos)
+        .map(|(&(i, j, a), &cos)| PenalisedPair { i, j, a, cos })
+        .collect();
     InterferenceStep {
-        mass,
+        mass: evaluated
+            .iter()
+            .map(|p| (p.a * overlap.eval(p.cos).0) as f64)
+            .sum(),
         candidates: pairs.len(),
-        pairs: evaluated.into_iter().map(|e| e.0).collect(),
+        pairs: evaluated,
     }
+}
+
+/// `(latent, other latent, pair index)`: one side of a penalised pair.
+type Adjacent = (u32, u32, u32);
+
+/// Cosine of two decoder rows with known norms.
+#[inline]
+fn pair_cos(a: &[f32], b: &[f32], na: f32, nb: f32) -> f32 {
+    (super::dot(a, b) / (na as f64 * nb as f64)) as f32
 }
 
 /// One reactivation check, for the log.
@@ -870,7 +922,7 @@ impl Regularizer for SelfCorrecting {
         ctx: &StepContext,
         codes: &SparseCodes,
         _grad_val: &mut [f32],
-        grad_dec: &mut DecoderRowGrads,
+        grad_dec: &mut DecoderGrad<'_>,
     ) -> Result<PenaltyOut> {
         if codes.d_sae != self.d_sae
             || ctx.d_sae != self.d_sae
@@ -1063,6 +1115,7 @@ impl Regularizer for SelfCorrecting {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::regularizer::DecoderGradBuf;
 
     /// A step of a 10-step run whose reconstruction equals its input (the penalty
     /// tests need only the codes and the decoder).
@@ -1090,10 +1143,10 @@ mod tests {
         sc: &mut SelfCorrecting,
         ctx: &StepContext,
         codes: &SparseCodes,
-    ) -> (PenaltyOut, DecoderRowGrads) {
-        let mut gd = DecoderRowGrads::default();
+    ) -> (PenaltyOut, DecoderGradBuf) {
+        let mut gd = DecoderGradBuf::zeros(ctx.d_sae, ctx.d_in);
         let out = sc
-            .penalty(ctx, codes, &mut vec![0.0; codes.nnz()], &mut gd)
+            .penalty(ctx, codes, &mut vec![0.0; codes.nnz()], &mut gd.view())
             .unwrap();
         (out, gd)
     }
@@ -1249,15 +1302,18 @@ mod tests {
         }
         let pairs = vec![(0u32, 1u32, 0.5f32), (0, 2, 0.3), (2, 4, 0.7), (3, 5, 0.2)];
         for overlap in [Overlap::CosSquared, Overlap::AbsCos] {
-            let mut gd = DecoderRowGrads::default();
-            let st = interference_penalty(&pairs, &w, d, overlap, 0.7, Some(&mut gd));
-            let mut full = vec![0f64; f * d];
-            for (k, &i) in gd.latents.iter().enumerate() {
-                for c in 0..d {
-                    full[i as usize * d + c] += gd.grads[k * d + c] as f64;
-                }
-            }
-            assert!(!gd.latents.contains(&1) || gd.latents.windows(2).all(|x| x[0] < x[1]));
+            // The gradient is added to what the buffer holds (here 1s) and each
+            // involved row is listed once, ascending.
+            let mut gd = DecoderGradBuf::zeros(f, d);
+            gd.grad.iter_mut().for_each(|g| *g = 1.0);
+            let st = interference_penalty(&pairs, &w, d, overlap, 0.7, Some(&mut gd.view()));
+            let full: Vec<f64> = gd.grad.iter().map(|&g| g as f64 - 1.0).collect();
+            assert_eq!(gd.touched, vec![0, 1, 2, 3, 4, 5]);
+            // The row-by-row pass (with gradient) and the pair pass (without) agree on
+            // every cos and the mass, bit for bit.
+            let plain = interference_penalty(&pairs, &w, d, overlap, 0.7, None);
+            assert_eq!(st.pairs, plain.pairs);
+            assert_eq!(st.mass, plain.mass);
             let h = 1e-3f32;
             for p in 0..f * d {
                 let mut wp = w.clone();
@@ -1364,7 +1420,7 @@ mod tests {
             }
             let ctx = step_ctx(step, d_in, f, &x, &w);
             let (out, gd) = penalty_step(&mut sc, &ctx, &codes);
-            assert!(out.loss > 0.0 && !gd.latents.is_empty());
+            assert!(out.loss > 0.0 && !gd.touched.is_empty());
             if step == 5 {
                 assert!(metric(&out, "sc_decoder_stable_rank").is_some());
             }
@@ -1413,7 +1469,7 @@ mod tests {
         let ctx = step_ctx(1, d_in, f, &x, &w);
         let (out, gd) = penalty_step(&mut sc, &ctx, &codes);
         assert_eq!(out.loss, 0.0);
-        assert!(gd.latents.is_empty());
+        assert!(gd.touched.is_empty() && gd.grad.iter().all(|&g| g == 0.0));
         assert!(sc.ema.entries() > 0);
         let mass = metric(&out, "sc_interference_mass").unwrap();
         assert!(mass > 0.0);
@@ -1462,8 +1518,8 @@ mod tests {
         // Step 1 penalises step 0's pairs with the same decoder: the same loss and
         // gradient, although its batch differs.
         assert_eq!(outs[1].0.loss, outs[0].0.loss);
-        assert_eq!(outs[1].1.latents, outs[0].1.latents);
-        assert_eq!(outs[1].1.grads, outs[0].1.grads);
+        assert_eq!(outs[1].1.touched, outs[0].1.touched);
+        assert_eq!(outs[1].1.grad, outs[0].1.grad);
         assert_ne!(outs[2].0.loss, outs[0].0.loss);
         // Resuming after step 0 or 1 reproduces the next steps bit for bit.
         for from in [0usize, 1] {
@@ -1476,7 +1532,7 @@ mod tests {
                     o.loss, outs[step].0.loss,
                     "resumed after {from}, step {step}"
                 );
-                assert_eq!(g.grads, outs[step].1.grads);
+                assert_eq!(g.grad, outs[step].1.grad);
             }
         }
         // Every step (the default) updates every time.
