@@ -469,6 +469,20 @@ pub struct InterferenceStep {
     pub pairs: Vec<PenalisedPair>,
 }
 
+impl InterferenceStep {
+    /// The summary of evaluated pairs: their mass and count.
+    fn of(pairs: Vec<PenalisedPair>, overlap: Overlap) -> InterferenceStep {
+        InterferenceStep {
+            mass: pairs
+                .iter()
+                .map(|p| (p.a * overlap.eval(p.cos).0) as f64)
+                .sum(),
+            candidates: pairs.len(),
+            pairs,
+        }
+    }
+}
+
 /// The penalised pairs of a statistics update, `(i, j, a_ij)` largest first, and the
 /// number of candidates before the per-step cap.
 pub type Candidates = (Vec<(u32, u32, f32)>, usize);
@@ -565,14 +579,7 @@ pub fn interference_penalty(
                 PenalisedPair { i, j, a, cos }
             })
             .collect();
-        return InterferenceStep {
-            mass: evaluated
-                .iter()
-                .map(|p| (p.a * overlap.eval(p.cos).0) as f64)
-                .sum(),
-            candidates: pairs.len(),
-            pairs: evaluated,
-        };
+        return InterferenceStep::of(evaluated, overlap);
     };
     // With the gradient, each pair is evaluated from both of its rows, row by row:
     // partner j's row is read once for its dot product and its gradient term (a
@@ -642,14 +649,7 @@ pub fn interference_penalty(
         .zip(&cos)
         .map(|(&(i, j, a), &cos)| PenalisedPair { i, j, a, cos })
         .collect();
-    InterferenceStep {
-        mass: evaluated
-            .iter()
-            .map(|p| (p.a * overlap.eval(p.cos).0) as f64)
-            .sum(),
-        candidates: pairs.len(),
-        pairs: evaluated,
-    }
+    InterferenceStep::of(evaluated, overlap)
 }
 
 /// `(latent, other latent, pair index)`: one side of a penalised pair.
