@@ -586,43 +586,55 @@ pub fn interference_penalty(
     // separate pass computing every cos first read each pair's rows twice more; this
     // phase is memory-bound). Both sides compute the same cos bit for bit.
     assert_eq!(gd.d_in, d_in, "decoder gradient of another width");
-    // Adjacency per involved latent: (latent, other, pair index), by latent then other.
-    let mut adj: Vec<Adjacent> = Vec::with_capacity(2 * pairs.len());
-    for (k, &(i, j, _)) in pairs.iter().enumerate() {
-        adj.push((i, j, k as u32));
-        adj.push((j, i, k as u32));
+    // Adjacency per involved latent (latent, other, pair index), grouped by a counting
+    // sort on the latent; within a group, the pairs' order. `fwd[k]`: where pair k's
+    // `i` side is.
+    let n = norms.len();
+    let mut off = vec![0usize; n + 1];
+    for &(i, j, _) in pairs {
+        off[i as usize + 1] += 1;
+        off[j as usize + 1] += 1;
     }
-    adj.sort_unstable_by_key(|e| (e.0, e.1));
-    let mut group_of = vec![u32::MAX; norms.len()];
-    let mut groups: Vec<&[Adjacent]> = Vec::new();
-    let mut start = 0;
-    for k in 1..=adj.len() {
-        if k == adj.len() || adj[k].0 != adj[start].0 {
-            group_of[adj[start].0 as usize] = groups.len() as u32;
-            groups.push(&adj[start..k]);
-            start = k;
+    for l in 0..n {
+        off[l + 1] += off[l];
+    }
+    let mut fill = off.clone();
+    let mut adj: Vec<Adjacent> = vec![(0, 0, 0); 2 * pairs.len()];
+    let mut fwd = vec![0usize; pairs.len()];
+    for (k, &(i, j, _)) in pairs.iter().enumerate() {
+        for (a, b) in [(i, j), (j, i)] {
+            let p = &mut fill[a as usize];
+            adj[*p] = (a, b, k as u32);
+            if a == i {
+                fwd[k] = *p;
+            }
+            *p += 1;
         }
     }
-    gd.touched.extend(groups.iter().map(|g| g[0].0));
-    // Disjoint rows of the trainer's gradient, one per group (no data touched here).
-    let mut targets: Vec<(&mut [f32], &[Adjacent])> = gd.grad[..norms.len() * d_in]
-        .chunks_mut(d_in)
-        .zip(&group_of)
-        .filter(|(_, &k)| k != u32::MAX)
-        .map(|(out, &k)| (out, groups[k as usize]))
-        .collect();
-    // Each group returns the cos of the pairs it owns (those where it is `i`).
-    let owned: Vec<Vec<(u32, f32)>> = targets
+    // Disjoint rows of the trainer's gradient, one per involved latent, each with its
+    // group and the slots for its pairs' cos (no data touched here).
+    let mut cos_adj = vec![0f32; adj.len()];
+    let mut targets: Vec<(&mut [f32], &[Adjacent], &mut [f32])> = Vec::new();
+    let mut rest = cos_adj.as_mut_slice();
+    for (l, out) in gd.grad[..n * d_in].chunks_mut(d_in).enumerate() {
+        let (lo, hi) = (off[l], off[l + 1]);
+        if lo < hi {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
+            rest = tail;
+            gd.touched.push(l as u32);
+            targets.push((out, &adj[lo..hi], mine));
+        }
+    }
+    targets
         .par_iter_mut()
         .with_min_len(16)
-        .map(|(out, g)| {
+        .for_each(|(out, g, cos_out)| {
             let i = g[0].0;
             let ni = norms[i as usize];
             let ri = row(i);
             let mut self_coef = 0f32;
-            let mut mine = Vec::new();
-            for &(_, j, k) in g.iter() {
-                let (pi, _, a) = pairs[k as usize];
+            for (&(_, j, k), co) in g.iter().zip(cos_out.iter_mut()) {
+                let a = pairs[k as usize].2;
                 let nj = norms[j as usize];
                 let rj = row(j);
                 let cos = pair_cos(ri, rj, ni, nj);
@@ -630,24 +642,22 @@ pub fn interference_penalty(
                 let c = b / (ni * nj);
                 out.iter_mut().zip(rj).for_each(|(o, x)| *o += c * x);
                 self_coef += b * cos / (ni * ni);
-                if pi == i {
-                    mine.push((k, cos));
-                }
+                *co = cos;
             }
             out.iter_mut()
                 .zip(ri)
                 .for_each(|(o, x)| *o -= self_coef * x);
-            mine
-        })
-        .collect();
-    let mut cos = vec![0f32; pairs.len()];
-    for (k, c) in owned.into_iter().flatten() {
-        cos[k as usize] = c;
-    }
+        });
+    drop(targets);
     let evaluated: Vec<PenalisedPair> = pairs
         .iter()
-        .zip(&cos)
-        .map(|(&(i, j, a), &cos)| PenalisedPair { i, j, a, cos })
+        .zip(&fwd)
+        .map(|(&(i, j, a), &p)| PenalisedPair {
+            i,
+            j,
+            a,
+            cos: cos_adj[p],
+        })
         .collect();
     InterferenceStep::of(evaluated, overlap)
 }
