@@ -439,7 +439,7 @@ mod shipped_plans {
             (
                 "research-300k",
                 include_str!("../../../plans/research-300k.toml"),
-                1,
+                3,
             ),
         ] {
             let p = Plan::parse(text).unwrap_or_else(|e| panic!("plans/{name}.toml: {e:#}"));

@@ -285,8 +285,9 @@ pub fn run_latents<R: Send>(
 
 /// Ask for the start of the next latent's list while this one is processed: the walks
 /// read millions of entries in thousands of short lists at scattered addresses, and a
-/// profile put a third of the walk's samples on the load of a list's entries (the
+/// profile put a fifth of `update_list`'s samples on the load of a list entry (the
 /// hardware prefetcher follows a list once it has started, not the jump to the next).
+/// Measured effect within noise (docs/benchmarks-methods.md, session 7).
 #[inline]
 fn prefetch_list(l: &[PairEntry]) {
     #[cfg(target_arch = "x86_64")]
@@ -664,14 +665,13 @@ impl PairEma {
         let now = self.t;
         let pow = Powers::new(self.momentum);
         let value = |e: &PairEntry| e.v[0].max(e.v[1]) * pow.get(now - e.last);
-        // The cutoff comes from a strided sample of at most ~64k entries: an exact
-        // selection over millions of entries, run whenever the bound is reached (every
-        // step for self-correcting at F = 16384), cost more than the penalty itself,
-        // and a 256k sample still ~5 ms (a cache miss per sampled entry). The kept
-        // fraction's sampling error is ~0.2% of the entries. Below the sample size the
-        // selection is exact.
-        // The entries at global positions 0, stride, 2 stride, ... of the lists laid end
-        // to end, gathered in parallel (each is a cache miss).
+        // The cutoff comes from a strided sample of at most ~64k entries (positions 0,
+        // stride, 2 stride, ... of the lists laid end to end, gathered in parallel): an
+        // exact selection over millions of entries, run whenever the bound is reached
+        // (every step for self-correcting at F = 16384), cost more than the penalty
+        // itself, and a sequential 256k sample still ~5 ms (a cache miss per sampled
+        // entry). The kept fraction's sampling error is ~0.2% of the entries. Below the
+        // sample size the selection is exact.
         let stride = total.div_ceil(SAMPLE).max(1);
         let mut ends = Vec::with_capacity(self.lists.len());
         let mut acc = 0usize;
