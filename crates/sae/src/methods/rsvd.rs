@@ -67,6 +67,20 @@ impl SparseSymOp {
     /// From upper-triangle triplets `(i, j, v)` with `i < j` (each pair once); the
     /// matrix stores both `(i, j)` and `(j, i)`, so it is exactly symmetric.
     pub fn from_upper(n: usize, triplets: &[(u32, u32, f32)]) -> SparseSymOp {
+        let (offsets, sides) = Self::sides(n, triplets);
+        SparseSymOp {
+            n,
+            offsets,
+            idx: sides.iter().map(|&(b, _)| b).collect(),
+            val: sides.iter().map(|&(_, k)| triplets[k as usize].2).collect(),
+        }
+    }
+
+    /// The CSR layout of [`SparseSymOp::from_upper`] without the values: both sides of
+    /// every triplet grouped by row with a counting sort, row `l`'s entries being
+    /// `sides[offsets[l]..offsets[l + 1]]`, each `(column, triplet index)`, in triplet
+    /// order within a row.
+    pub fn sides(n: usize, triplets: &[(u32, u32, f32)]) -> (Vec<usize>, Vec<(u32, u32)>) {
         let mut offsets = vec![0usize; n + 1];
         for &(i, j, _) in triplets {
             offsets[i as usize + 1] += 1;
@@ -76,22 +90,14 @@ impl SparseSymOp {
             offsets[i + 1] += offsets[i];
         }
         let mut fill = offsets.clone();
-        let mut idx = vec![0u32; offsets[n]];
-        let mut val = vec![0f32; offsets[n]];
-        for &(i, j, v) in triplets {
+        let mut sides = vec![(0u32, 0u32); offsets[n]];
+        for (k, &(i, j, _)) in triplets.iter().enumerate() {
             for (a, b) in [(i, j), (j, i)] {
-                let q = fill[a as usize];
+                sides[fill[a as usize]] = (b, k as u32);
                 fill[a as usize] += 1;
-                idx[q] = b;
-                val[q] = v;
             }
         }
-        SparseSymOp {
-            n,
-            offsets,
-            idx,
-            val,
-        }
+        (offsets, sides)
     }
 }
 

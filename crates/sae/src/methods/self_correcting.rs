@@ -554,22 +554,21 @@ pub fn interference_penalty(
     grad_dec: Option<&mut DecoderGrad<'_>>,
 ) -> InterferenceStep {
     let row = |i: u32| &w_dec[i as usize * d_in..(i as usize + 1) * d_in];
-    // Each involved row's norm once (a latent is in many pairs), in a dense table.
-    let mut norms = vec![0f32; w_dec.len() / d_in.max(1)];
-    let mut marked = vec![false; norms.len()];
-    for &(i, j, _) in pairs {
-        marked[i as usize] = true;
-        marked[j as usize] = true;
-    }
-    let involved: Vec<u32> = (0..norms.len() as u32)
-        .filter(|&i| marked[i as usize])
+    let n = w_dec.len() / d_in.max(1);
+    // Both sides of every pair grouped by latent: latent l's partners are
+    // `sides[off[l]..off[l + 1]]`, each `(other, pair index)`.
+    let (off, sides) = SparseSymOp::sides(n, pairs);
+    let involved: Vec<u32> = (0..n as u32)
+        .filter(|&l| off[l as usize] < off[l as usize + 1])
         .collect();
+    // Each involved row's norm once (a latent is in many pairs), in a dense table.
+    let mut norms = vec![0f32; n];
     let computed: Vec<f32> = involved
         .par_iter()
         .map(|&i| super::norm(row(i)).max(1e-12) as f32)
         .collect();
-    for (&i, &n) in involved.iter().zip(&computed) {
-        norms[i as usize] = n;
+    for (&i, &c) in involved.iter().zip(&computed) {
+        norms[i as usize] = c;
     }
     let Some(gd) = grad_dec else {
         let evaluated: Vec<PenalisedPair> = pairs
@@ -586,54 +585,29 @@ pub fn interference_penalty(
     // separate pass computing every cos first read each pair's rows twice more; this
     // phase is memory-bound). Both sides compute the same cos bit for bit.
     assert_eq!(gd.d_in, d_in, "decoder gradient of another width");
-    // Adjacency per involved latent (latent, other, pair index), grouped by a counting
-    // sort on the latent; within a group, the pairs' order. `fwd[k]`: where pair k's
-    // `i` side is.
-    let n = norms.len();
-    let mut off = vec![0usize; n + 1];
-    for &(i, j, _) in pairs {
-        off[i as usize + 1] += 1;
-        off[j as usize + 1] += 1;
-    }
-    for l in 0..n {
-        off[l + 1] += off[l];
-    }
-    let mut fill = off.clone();
-    let mut adj: Vec<Adjacent> = vec![(0, 0, 0); 2 * pairs.len()];
-    let mut fwd = vec![0usize; pairs.len()];
-    for (k, &(i, j, _)) in pairs.iter().enumerate() {
-        for (a, b) in [(i, j), (j, i)] {
-            let p = &mut fill[a as usize];
-            adj[*p] = (a, b, k as u32);
-            if a == i {
-                fwd[k] = *p;
-            }
-            *p += 1;
-        }
-    }
     // Disjoint rows of the trainer's gradient, one per involved latent, each with its
-    // group and the slots for its pairs' cos (no data touched here).
-    let mut cos_adj = vec![0f32; adj.len()];
-    let mut targets: Vec<(&mut [f32], &[Adjacent], &mut [f32])> = Vec::new();
-    let mut rest = cos_adj.as_mut_slice();
+    // partners and the slots for their cos (no data touched here).
+    let mut cos_side = vec![0f32; sides.len()];
+    let mut targets: Vec<RowTask> = Vec::new();
+    let mut rest = cos_side.as_mut_slice();
     for (l, out) in gd.grad[..n * d_in].chunks_mut(d_in).enumerate() {
         let (lo, hi) = (off[l], off[l + 1]);
         if lo < hi {
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(hi - lo);
             rest = tail;
-            gd.touched.push(l as u32);
-            targets.push((out, &adj[lo..hi], mine));
+            targets.push((l as u32, out, &sides[lo..hi], mine));
         }
     }
+    gd.touched.extend_from_slice(&involved);
     targets
         .par_iter_mut()
         .with_min_len(16)
-        .for_each(|(out, g, cos_out)| {
-            let i = g[0].0;
+        .for_each(|(i, out, partners, cos_out)| {
+            let i = *i;
             let ni = norms[i as usize];
             let ri = row(i);
             let mut self_coef = 0f32;
-            for (&(_, j, k), co) in g.iter().zip(cos_out.iter_mut()) {
+            for (&(j, k), co) in partners.iter().zip(cos_out.iter_mut()) {
                 let a = pairs[k as usize].2;
                 let nj = norms[j as usize];
                 let rj = row(j);
@@ -649,21 +623,22 @@ pub fn interference_penalty(
                 .for_each(|(o, x)| *o -= self_coef * x);
         });
     drop(targets);
+    // Either side's cos is the pair's (they are equal bit for bit).
+    let mut cos = vec![0f32; pairs.len()];
+    for (&(_, k), &c) in sides.iter().zip(&cos_side) {
+        cos[k as usize] = c;
+    }
     let evaluated: Vec<PenalisedPair> = pairs
         .iter()
-        .zip(&fwd)
-        .map(|(&(i, j, a), &p)| PenalisedPair {
-            i,
-            j,
-            a,
-            cos: cos_adj[p],
-        })
+        .zip(&cos)
+        .map(|(&(i, j, a), &cos)| PenalisedPair { i, j, a, cos })
         .collect();
     InterferenceStep::of(evaluated, overlap)
 }
 
-/// `(latent, other latent, pair index)`: one side of a penalised pair.
-type Adjacent = (u32, u32, u32);
+/// One involved latent's part of the penalty's gradient pass: the latent, its row of the
+/// decoder gradient, its partners `(other, pair index)` and the slots for their cos.
+type RowTask<'a> = (u32, &'a mut [f32], &'a [(u32, u32)], &'a mut [f32]);
 
 /// Cosine of two decoder rows with known norms.
 #[inline]
