@@ -240,7 +240,7 @@ fn main() {
             b * k * (k - 1)
         );
         // EMA in steady state: feed fresh batches until the store stops growing.
-        let mut ema = PairEma::new(f, 0.9, 0.01, 8_000_000);
+        let mut ema = PairEma::<2>::new(f, 0.9, 0.01, 8_000_000);
         let batches: Vec<SparseCodes> = (0..4)
             .map(|_| synth_codes(&mut rng, b, f, k, zipf))
             .collect();
@@ -287,7 +287,7 @@ fn main() {
             "method1 sparse+EMA(0.9, eps 0.01) F={f} k={k} B={b} zipf={zipf}: min {mn:.1} ms, median {md:.1} ms per step, \
              CPU {cpu:.1} ms per step summed over threads (stored entries {}, {:.0} MB, evicted so far {})",
             ema.entries(),
-            ema.entries() as f64 * 16.0 / 1e6,
+            ema.entries() as f64 * std::mem::size_of::<saelab_sae::methods::pairs::PairEntry<2>>() as f64 / 1e6,
             ema.evicted
         );
     }
@@ -364,7 +364,7 @@ fn main() {
         let batches: Vec<SparseCodes> = (0..warm + timed)
             .map(|_| synth_codes(&mut rng, b, f, k, zipf))
             .collect();
-        let mut ema = PairEma::new(f, 0.99, 1e-3, 4_000_000);
+        let mut ema = PairEma::<1>::new(f, 0.99, 1e-3, 4_000_000);
         for batch in &batches[..warm] {
             interference_candidates(batch, &mut ema, Statistic::Correlation, 0.1, 16384);
         }

@@ -224,17 +224,17 @@ pub const CHUNKS: usize = 16;
 /// [`Scratch::accumulate`]; `visit` sets `scratch.w[j]` for the touched `j` when a
 /// gradient is wanted. Returns the per-latent results in latent order and, when
 /// `want_grad`, the gradient indexed by sorted position (see [`Csc::orig`]).
-pub fn run_latents<R: Send>(
+pub fn run_latents<R: Send, const N: usize>(
     csc: &Csc,
-    lists: Option<&mut [Vec<PairEntry>]>,
+    lists: Option<&mut [Vec<PairEntry<N>>]>,
     diag: bool,
     want_grad: bool,
-    visit: impl Fn(&mut Scratch, usize, Option<&mut Vec<PairEntry>>) -> R + Sync,
+    visit: impl Fn(&mut Scratch, usize, Option<&mut Vec<PairEntry<N>>>) -> R + Sync,
 ) -> (Vec<R>, Vec<f32>) {
     let f = csc.d_sae;
     let nnz = csc.idx.len();
     let per = f.div_ceil(CHUNKS).max(1);
-    let mut chunk_lists: Vec<Option<&mut [Vec<PairEntry>]>> = Vec::with_capacity(CHUNKS);
+    let mut chunk_lists: Vec<Option<&mut [Vec<PairEntry<N>>]>> = Vec::with_capacity(CHUNKS);
     match lists {
         Some(l) => {
             assert_eq!(l.len(), f, "pair statistics built for another d_sae");
@@ -289,7 +289,7 @@ pub fn run_latents<R: Send>(
 /// hardware prefetcher follows a list once it has started, not the jump to the next).
 /// Measured effect within noise (docs/benchmarks-methods.md, session 7).
 #[inline]
-fn prefetch_list(l: &[PairEntry]) {
+fn prefetch_list<const N: usize>(l: &[PairEntry<N>]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -334,58 +334,88 @@ pub fn row_sample(codes: &SparseCodes, stride: usize) -> SparseCodes {
     out
 }
 
-const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA2";
-/// The format before the pending cutoff of rule 2 was saved (read as "no cutoff").
+const PEMA_MAGIC: &[u8] = b"SAELAB-PAIR-EMA3";
+/// The formats with a per-entry update index (`(j, last, v0, v1)` entries); V1 also
+/// lacks the pending cutoff of rule 2. Read and converted on load.
+const PEMA_MAGIC_V2: &[u8] = b"SAELAB-PAIR-EMA2";
 const PEMA_MAGIC_V1: &[u8] = b"SAELAB-PAIR-EMA1";
 
+/// When the decay since the store's base update falls below this, the stored numbers
+/// are rescaled to a new base (see [`PairEma`]): a pass over every entry every
+/// `60 ln 2 / -ln m` updates (~4,100 at m = 0.99), keeping stored numbers far from the
+/// limits of f32 (`epsilon / 2^-60` is ~1e15 at epsilon 1e-3).
+const RENORM: f64 = 1.0 / (1u64 << 60) as f64;
+
 /// The parameters of one update's per-latent walks (see [`PairEma::begin`]), shared by
-/// reference by all of them.
+/// reference by all of them. Thresholds are in stored units (see [`PairEma`]).
 #[derive(Clone, Debug)]
 pub struct Walk {
-    pub momentum: f32,
-    pub epsilon: f32,
     /// The update index.
     pub t: u32,
-    /// Rule 2's pending cutoff, as a value at update `t`.
-    pub cut: Option<f32>,
-    powers: Powers,
+    /// The first update of an empty store (`e_1 = x_1`).
+    first: bool,
+    /// `(1 - m) / D_t`: what a batch value adds to a stored number.
+    gain: f32,
+    /// `D_t`: stored number -> value at update `t`.
+    d_now: f32,
+    /// Rule 1's epsilon at update `t - 1` and at update `t`.
+    eps_prev: f32,
+    eps_now: f32,
+    /// Rule 2's pending cutoff (-inf when none).
+    cut: f32,
 }
 
-/// One stored pair statistic, in the list of its first latent `i`: `v` holds two
-/// values (e.g. `[n_ij, n_ji]`), `last` the update index at which they were written.
+/// One stored pair statistic, in the list of its first latent `i`: `N` numbers (e.g.
+/// `[n_ij, n_ji]`, or one symmetric statistic), in the store's units (see [`PairEma`]).
+/// 8 bytes with one value, 12 with two: the walks stream millions of these every step.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PairEntry {
+pub struct PairEntry<const N: usize> {
     pub j: u32,
-    pub last: u32,
-    pub v: [f32; 2],
+    pub s: [f32; N],
 }
 
-/// Exponential moving averages of pair statistics, sparse and bounded.
+impl<const N: usize> PairEntry<N> {
+    #[inline]
+    fn top(&self) -> f32 {
+        self.s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+}
+
+/// Exponential moving averages of `N` (1 or 2) per-pair statistics, sparse and bounded.
 ///
 /// Semantics: identical to the dense EMA `e_t = m e_(t-1) + (1 - m) x_t` over all F x F
 /// pairs where `x_t = 0` for pairs absent from the batch, initialised with the first
 /// batch (`e_1 = x_1`). Storage: per latent `i`, a list of entries for the latents
 /// `j >= i` it has co-fired with (each unordered pair once, in the list of its smaller
-/// latent, with both ordered values), so a latent's update needs no other latent's list
-/// and latents update in parallel. Absent pairs decay lazily: a value written at update
-/// `L` reads `v * m^(t - L)` at update `t`.
+/// latent, with its `N` values), so a latent's update needs no other latent's list and
+/// latents update in parallel.
+///
+/// Absent pairs decay without being touched: every entry stores `s = e_t / D_t` with
+/// one store-wide decay `D_t = m^(t - base)`. An absent pair's `s` does not change
+/// (`e_t = m e_(t-1)` is `s` read at `D_t = m D_(t-1)`), a present pair adds
+/// `(1 - m) x_t / D_t`, and comparisons between entries (the eviction cutoff) need no
+/// decay at all. When `D_t` would fall below 2^-60 every stored number is multiplied by
+/// the current decay and `base` moves to the current update (for `m < 2^-60`, when the
+/// old values read as less than 2^-60 of themselves after one update, the store is
+/// emptied instead). An earlier layout kept each entry's own last-update index and
+/// decayed on read: 16 bytes per entry instead of 8 (one value), and a slower walk.
 ///
 /// Eviction (bounded memory):
-/// 1. an entry whose decayed value (the larger of its two numbers) is below `epsilon`
-///    reads as 0 and is dropped when its latent is next updated;
-/// 2. when the total number of entries exceeds `max_entries`, the smallest decayed
-///    entries are evicted until about `3/4 * max_entries` remain (the cutoff value is
-///    exact below 64k entries; above, it is estimated from a strided sample of 64k
-///    entries, so the count kept is within sampling error of the target, ~0.2%). The
-///    eviction happens in the next update's walks ([`PairEma::enforce_bound`]); the
-///    hysteresis makes it rarer.
+/// 1. an entry whose value (the larger of its numbers) is below `epsilon` reads as 0
+///    and is dropped when its latent is next updated;
+/// 2. when the total number of entries exceeds `max_entries`, the smallest entries are
+///    evicted until about `3/4 * max_entries` remain (the cutoff value is exact below
+///    64k entries; above, it is estimated from a strided sample of 64k entries, so the
+///    count kept is within sampling error of the target, ~0.2%). The eviction happens in
+///    the next update's walks ([`PairEma::enforce_bound`]); the hysteresis makes it
+///    rarer.
 ///
-/// Memory: 16 bytes per entry. Between a step that exceeds the bound and the walks that
-/// evict, the store can hold up to 1.5x `max_entries` (more triggers the immediate
-/// pass), so `max_entries = 8_000_000` is at most 192 MB.
+/// Memory: `4 + 4 N` bytes per entry. Between a step that exceeds the bound and the
+/// walks that evict, the store can hold up to 1.5x `max_entries` (more triggers the
+/// immediate pass), so `max_entries = 8_000_000` with two values is at most 144 MB.
 #[derive(Clone, Debug)]
-pub struct PairEma {
-    pub lists: Vec<Vec<PairEntry>>,
+pub struct PairEma<const N: usize> {
+    pub lists: Vec<Vec<PairEntry<N>>>,
     pub momentum: f32,
     pub epsilon: f32,
     pub max_entries: usize,
@@ -393,13 +423,20 @@ pub struct PairEma {
     pub t: u32,
     /// Total evictions by rule 2 (for the metrics log).
     pub evicted: u64,
-    /// Rule 2's cutoff for the next update's walks: (value, update index it was
-    /// measured at); cleared after that update.
+    /// The update at which the stored numbers are the values (`D = 1`).
+    base: u32,
+    /// `D_t` at the current `t`.
+    d_now: f32,
+    /// Rule 2's cutoff for the next update's walks: (stored number, update index it was
+    /// set at); cleared after that update.
     cut: Option<(f32, u32)>,
 }
 
-impl PairEma {
-    pub fn new(f: usize, momentum: f32, epsilon: f32, max_entries: usize) -> PairEma {
+impl<const N: usize> PairEma<N> {
+    const VALUES: () = assert!(N == 1 || N == 2, "a pair entry holds 1 or 2 values");
+
+    pub fn new(f: usize, momentum: f32, epsilon: f32, max_entries: usize) -> PairEma<N> {
+        let () = Self::VALUES;
         PairEma {
             lists: vec![Vec::new(); f],
             momentum,
@@ -407,6 +444,8 @@ impl PairEma {
             max_entries,
             t: 0,
             evicted: 0,
+            base: 0,
+            d_now: 1.0,
             cut: None,
         }
     }
@@ -415,56 +454,60 @@ impl PairEma {
         self.lists.iter().map(|l| l.len()).sum()
     }
 
-    #[inline]
-    fn decay(&self, e: &PairEntry, now: u32) -> [f32; 2] {
-        let f = self.momentum.powi((now - e.last) as i32);
-        [e.v[0] * f, e.v[1] * f]
+    /// `m^(t - base)` in f64, 1 for `t <= base`.
+    fn decay_at(&self, t: u32) -> f64 {
+        if t <= self.base {
+            1.0
+        } else {
+            (self.momentum as f64).powi((t - self.base) as i32)
+        }
     }
 
-    /// Decayed value of an entry at the current update index (0 if below epsilon).
+    /// Value of an entry at the current update index (0 if below epsilon).
     #[inline]
-    pub fn read(&self, e: &PairEntry) -> [f32; 2] {
-        let d = self.decay(e, self.t);
-        if d[0].max(d[1]) < self.epsilon {
-            [0.0, 0.0]
+    pub fn read(&self, e: &PairEntry<N>) -> [f32; N] {
+        let v = e.s.map(|x| x * self.d_now);
+        if v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) < self.epsilon {
+            [0.0; N]
         } else {
-            d
+            v
         }
     }
 
     /// Update latent `i`'s list for update `w.t`. `touched` are the latents whose batch
-    /// value is `batch(j)`; on return `scratch_val[j]` holds the new EMA for every
-    /// touched `j`. Returns the number of entries evicted by rule 2 (`w.cut`) on the
-    /// way. Static helper so it can run on a `&mut` list while `self` is shared.
+    /// values are `batch(j)`; on return `scratch_val[j][..N]` holds the new EMA for
+    /// every touched `j`. Returns the number of entries evicted by rule 2 (`w.cut`) on
+    /// the way. Static helper so it can run on a `&mut` list while `self` is shared.
     // The scratch buffers are passed separately because the caller's closure borrows
     // other fields of the same scratch.
     pub fn update_list(
         w: &Walk,
-        list: &mut Vec<PairEntry>,
+        list: &mut Vec<PairEntry<N>>,
         touched: &[u32],
         pos: &mut [u32],
         scratch_val: &mut [[f32; 2]],
-        mut batch: impl FnMut(u32) -> [f32; 2],
+        mut batch: impl FnMut(u32) -> [f32; N],
     ) -> u64 {
-        let (m, epsilon, t) = (w.momentum, w.epsilon, w.t);
-        if t == 1 {
-            // First batch: e_1 = x_1.
+        let out = |scratch_val: &mut [[f32; 2]], j: u32, v: [f32; N]| {
+            scratch_val[j as usize][..N].copy_from_slice(&v);
+        };
+        if w.first {
+            // First batch: e_1 = x_1 (D_1 = 1).
             for &j in touched {
                 let b = batch(j);
-                list.push(PairEntry { j, last: t, v: b });
-                scratch_val[j as usize] = b;
+                list.push(PairEntry { j, s: b });
+                out(scratch_val, j, b);
             }
             return 0;
         }
-        let pow = |d: u32| w.powers.get(d);
-        // Rule 2, fused into this walk: an entry whose value at update t is at or below
-        // the cutoff is evicted (a touched one restarts from 0, as a new pair would).
-        let cut = w.cut.unwrap_or(f32::NEG_INFINITY);
+        // Rule 2, fused into this walk: an entry at or below the cutoff is evicted (a
+        // touched one restarts from 0, as a new pair would).
         let mut evicted = 0u64;
         // One pass over the stored list (it is usually several times longer than the
         // batch's partners): index the touched latents, not the list, then update,
-        // decay-check and compact the list in place. Entries keep their order and new
-        // pairs are appended in touched order.
+        // check and compact the list in place. Entries keep their order and new pairs
+        // are appended in touched order. Untouched entries are only read (and moved
+        // once an earlier one was dropped).
         for (k, &j) in touched.iter().enumerate() {
             pos[j as usize] = k as u32;
         }
@@ -475,38 +518,38 @@ impl PairEma {
             let mut e = list[r];
             let p = pos[e.j as usize];
             if p != u32::MAX && p != SEEN {
-                // Value after update t-1, then one EMA step with x_t = b.
                 let b = batch(e.j);
-                let f = pow(t - 1 - e.last);
-                let mut prev = [e.v[0] * f, e.v[1] * f];
-                let top = prev[0].max(prev[1]);
-                if top < epsilon {
-                    prev = [0.0, 0.0];
-                } else if top * m <= cut {
-                    prev = [0.0, 0.0];
+                let top = e.top();
+                // Rule 1 at update t - 1 (the value reads as zero), rule 2 at t.
+                if top < w.eps_prev {
+                    e.s = [0.0; N];
+                } else if top <= w.cut {
+                    e.s = [0.0; N];
                     evicted += 1;
                 }
-                e.v = [
-                    m * prev[0] + (1.0 - m) * b[0],
-                    m * prev[1] + (1.0 - m) * b[1],
-                ];
-                e.last = t;
-                scratch_val[e.j as usize] = e.v;
+                for (s, b) in e.s.iter_mut().zip(b) {
+                    *s += w.gain * b;
+                }
+                out(scratch_val, e.j, e.s.map(|x| x * w.d_now));
                 pos[e.j as usize] = SEEN;
+                // An updated entry is kept unless its new value reads as zero (rule 1).
+                if e.top() >= w.eps_now {
+                    list[kept] = e;
+                    kept += 1;
+                }
             } else {
-                let v = e.v[0].max(e.v[1]) * pow(t - e.last);
+                let top = e.top();
                 // Rule 1: drop entries that now read as zero.
-                if v < epsilon {
+                if top < w.eps_now {
                     continue;
                 }
-                if v <= cut {
+                if top <= w.cut {
                     evicted += 1;
                     continue;
                 }
-            }
-            // An updated entry is kept unless its new value reads as zero (rule 1).
-            if e.v[0].max(e.v[1]) >= epsilon {
-                list[kept] = e;
+                if kept != r {
+                    list[kept] = e;
+                }
                 kept += 1;
             }
         }
@@ -515,11 +558,11 @@ impl PairEma {
             let seen = pos[j as usize] == SEEN;
             pos[j as usize] = u32::MAX;
             if !seen {
-                let b = batch(j);
-                let new = [(1.0 - m) * b[0], (1.0 - m) * b[1]];
-                scratch_val[j as usize] = new;
-                if new[0].max(new[1]) >= epsilon {
-                    list.push(PairEntry { j, last: t, v: new });
+                let s = batch(j).map(|b| w.gain * b);
+                out(scratch_val, j, s.map(|x| x * w.d_now));
+                let e = PairEntry { j, s };
+                if e.top() >= w.eps_now {
+                    list.push(e);
                 }
             }
         }
@@ -527,14 +570,17 @@ impl PairEma {
     }
 
     /// Compact little-endian serialisation for checkpoints (JSON would be ~3x larger
-    /// at millions of entries): magic, `t`, `evicted`, the pending cutoff of rule 2
-    /// (`u32` 0/1, its value `f32`, its update `u32`), then per latent the entry count
-    /// and its `(j, last, v0, v1)` entries.
+    /// at millions of entries): magic, latent count `u64`, `N` `u32`, `t` `u32`, `base`
+    /// `u32`, `evicted` `u64`, the pending cutoff of rule 2 (`u32` 0/1, its stored
+    /// number `f32`, its update `u32`), then per latent the entry count `u32` and its
+    /// `(j u32, s f32 x N)` entries.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + 4 * self.lists.len() + 16 * self.entries());
+        let mut out = Vec::with_capacity(48 + 4 * self.lists.len() + (4 + 4 * N) * self.entries());
         out.extend_from_slice(PEMA_MAGIC);
         out.extend_from_slice(&(self.lists.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(N as u32).to_le_bytes());
         out.extend_from_slice(&self.t.to_le_bytes());
+        out.extend_from_slice(&self.base.to_le_bytes());
         out.extend_from_slice(&self.evicted.to_le_bytes());
         let (has, c, at) = self.cut.map_or((0u32, 0f32, 0u32), |(c, at)| (1, c, at));
         out.extend_from_slice(&has.to_le_bytes());
@@ -544,16 +590,18 @@ impl PairEma {
             out.extend_from_slice(&(l.len() as u32).to_le_bytes());
             for e in l {
                 out.extend_from_slice(&e.j.to_le_bytes());
-                out.extend_from_slice(&e.last.to_le_bytes());
-                out.extend_from_slice(&e.v[0].to_le_bytes());
-                out.extend_from_slice(&e.v[1].to_le_bytes());
+                for s in e.s {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
             }
         }
         out
     }
 
-    /// Restore the statistics written by [`PairEma::to_bytes`] (the hyper-parameters stay
-    /// those of `self`); errors name what is wrong.
+    /// Restore the statistics written by [`PairEma::to_bytes`], or by the earlier
+    /// per-entry-update-index formats (converted to this layout at their saved update;
+    /// a one-value store keeps the first of their two values, which were equal).
+    /// The hyper-parameters stay those of `self`; errors name what is wrong.
     pub fn load_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         use anyhow::{bail, Context};
         let mut r = bytes;
@@ -565,12 +613,15 @@ impl PairEma {
             r = b;
             Ok(a)
         };
-        let magic = take(PEMA_MAGIC.len())?;
-        let v1 = magic == PEMA_MAGIC_V1;
-        if magic != PEMA_MAGIC && !v1 {
-            bail!("pair statistics: saved state has the wrong format");
-        }
         let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let f32_of = |b: &[u8]| f32::from_bits(u32_of(b));
+        let magic = take(PEMA_MAGIC.len())?;
+        let version = match magic {
+            m if m == PEMA_MAGIC => 3,
+            m if m == PEMA_MAGIC_V2 => 2,
+            m if m == PEMA_MAGIC_V1 => 1,
+            _ => bail!("pair statistics: saved state has the wrong format"),
+        };
         let n = u64::from_le_bytes(take(8)?.try_into().context("length")?) as usize;
         if n != self.lists.len() {
             bail!(
@@ -578,34 +629,50 @@ impl PairEma {
                 self.lists.len()
             );
         }
+        if version == 3 {
+            let saved = u32_of(take(4)?) as usize;
+            if saved != N {
+                bail!("pair statistics: saved state has {saved} values per pair, this method keeps {N}");
+            }
+        }
         let t = u32_of(take(4)?);
+        let base = if version == 3 { u32_of(take(4)?) } else { t };
         let evicted = u64::from_le_bytes(take(8)?.try_into().context("evicted")?);
-        let cut = if v1 {
+        let cut = if version == 1 {
             None
         } else {
             let has = u32_of(take(4)?);
-            let c = f32::from_bits(u32_of(take(4)?));
+            let c = f32_of(take(4)?);
             let at = u32_of(take(4)?);
             (has == 1).then_some((c, at))
         };
+        let m = self.momentum as f64;
+        // Old formats: `v * m^(t - last)` is the value at the saved update `t`, which
+        // becomes the new base; an old cutoff was a value at its own update.
+        let age = |last: u32| m.powi(t.saturating_sub(last) as i32) as f32;
+        let cut = match (version, cut) {
+            (3, c) => c,
+            (_, Some((c, at))) => Some((c * age(at), at)),
+            (_, None) => None,
+        };
+        let entry_bytes = if version == 3 { 4 + 4 * N } else { 16 };
         let mut lists = Vec::with_capacity(n);
         for _ in 0..n {
             let len = u32_of(take(4)?) as usize;
-            let raw = take(16 * len)?;
+            let raw = take(entry_bytes * len)?;
             let mut l = Vec::with_capacity(len);
-            for e in raw.chunks_exact(16) {
+            for e in raw.chunks_exact(entry_bytes) {
                 let j = u32_of(&e[0..4]);
                 if j as usize >= n {
                     bail!("pair statistics: saved state names latent {j} >= {n}");
                 }
-                l.push(PairEntry {
-                    j,
-                    last: u32_of(&e[4..8]),
-                    v: [
-                        f32::from_bits(u32_of(&e[8..12])),
-                        f32::from_bits(u32_of(&e[12..16])),
-                    ],
-                });
+                let s: [f32; N] = if version == 3 {
+                    std::array::from_fn(|q| f32_of(&e[4 + 4 * q..8 + 4 * q]))
+                } else {
+                    let f = age(u32_of(&e[4..8]));
+                    std::array::from_fn(|q| f32_of(&e[8 + 4 * q..12 + 4 * q]) * f)
+                };
+                l.push(PairEntry { j, s });
             }
             lists.push(l);
         }
@@ -617,6 +684,8 @@ impl PairEma {
         }
         self.lists = lists;
         self.t = t;
+        self.base = base;
+        self.d_now = self.decay_at(t) as f32;
         self.evicted = evicted;
         self.cut = cut;
         Ok(())
@@ -627,18 +696,42 @@ impl PairEma {
     /// mutably while the walks run.
     pub fn begin(&mut self) -> Walk {
         self.t += 1;
-        let powers = Powers::new(self.momentum);
-        let cut = self.cut.map(|(c, at)| {
-            // Values decay alike, so the cutoff measured at update `at` ranks the same
-            // entries at update `t` once decayed the same way.
-            c * powers.get(self.t - at)
-        });
+        let t = self.t;
+        let first = t == 1;
+        if first {
+            self.base = 1;
+        }
+        if self.decay_at(t) < RENORM {
+            if (self.momentum as f64) < RENORM {
+                // One update shrinks every old value below 2^-60 of itself: forget them.
+                self.lists.iter_mut().for_each(|l| l.clear());
+                self.cut = None;
+                self.base = t;
+            } else {
+                // Rebase on update t - 1: its values become the stored numbers.
+                let d = self.decay_at(t - 1) as f32;
+                self.lists
+                    .par_iter_mut()
+                    .with_min_len(256)
+                    .for_each(|l| l.iter_mut().for_each(|e| e.s = e.s.map(|x| x * d)));
+                if let Some((c, _)) = &mut self.cut {
+                    *c *= d;
+                }
+                self.base = t - 1;
+            }
+        }
+        let d_now = self.decay_at(t);
+        let d_prev = self.decay_at(t - 1);
+        self.d_now = d_now as f32;
+        let eps = self.epsilon as f64;
         Walk {
-            momentum: self.momentum,
-            epsilon: self.epsilon,
-            t: self.t,
-            cut,
-            powers,
+            t,
+            first,
+            gain: ((1.0 - self.momentum as f64) / d_now) as f32,
+            d_now: d_now as f32,
+            eps_prev: (eps / d_prev) as f32,
+            eps_now: (eps / d_now) as f32,
+            cut: self.cut.map_or(f32::NEG_INFINITY, |(c, _)| c),
         }
     }
 
@@ -662,9 +755,8 @@ impl PairEma {
             return;
         }
         let target = self.max_entries * 3 / 4;
-        let now = self.t;
-        let pow = Powers::new(self.momentum);
-        let value = |e: &PairEntry| e.v[0].max(e.v[1]) * pow.get(now - e.last);
+        // Stored numbers share one decay, so they rank entries as their values do.
+        let value = |e: &PairEntry<N>| e.top();
         // The cutoff comes from a strided sample of at most ~64k entries (positions 0,
         // stride, 2 stride, ... of the lists laid end to end, gathered in parallel): an
         // exact selection over millions of entries, run whenever the bound is reached
@@ -696,7 +788,7 @@ impl PairEma {
         let (_, cut, _) = sample.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
         let cut = *cut;
         if total <= self.max_entries + self.max_entries / 2 {
-            self.cut = Some((cut, now));
+            self.cut = Some((cut, self.t));
             return;
         }
         let dropped: usize = self
@@ -715,32 +807,6 @@ impl PairEma {
 
 /// Sample size for the eviction cutoff of [`PairEma::enforce_bound`].
 const SAMPLE: usize = 1 << 16;
-
-/// `m^age`, by table for ages below 1024 (`powi` was a visible share of the time; at
-/// m = 0.99 an entry lives up to ~690 updates before it reads as zero at epsilon 1e-3).
-#[derive(Clone, Debug)]
-struct Powers {
-    m: f32,
-    table: [f32; 1024],
-}
-
-impl Powers {
-    fn new(m: f32) -> Powers {
-        let mut table = [1f32; 1024];
-        for d in 1..1024 {
-            table[d] = table[d - 1] * m;
-        }
-        Powers { m, table }
-    }
-
-    #[inline]
-    fn get(&self, age: u32) -> f32 {
-        match self.table.get(age as usize) {
-            Some(&p) => p,
-            None => self.m.powi(age as i32),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -823,6 +889,163 @@ mod tests {
         }
     }
 
+    /// One update of `ema` from random batch values over random pairs `(i, j >= i)`, also
+    /// applied to `dense` (`f x f x N`, f64) by the EMA formula; checks the new values
+    /// the walks report.
+    fn random_update<const N: usize>(rng: &mut Rng, ema: &mut PairEma<N>, dense: &mut [f64]) {
+        let f = ema.lists.len();
+        let m = ema.momentum as f64;
+        let mut pos = vec![u32::MAX; f];
+        let mut sv = vec![[0f32; 2]; f];
+        let w = ema.begin();
+        let mut x = vec![0f64; f * f * N];
+        for (i, list) in ema.lists.iter_mut().enumerate() {
+            let touched: Vec<u32> = (i..f)
+                .filter(|_| rng.f32() < 0.3)
+                .map(|j| j as u32)
+                .collect();
+            let vals: Vec<[f32; N]> = touched
+                .iter()
+                .map(|_| std::array::from_fn(|_| 0.1 + rng.f32()))
+                .collect();
+            PairEma::update_list(&w, list, &touched, &mut pos, &mut sv, |j| {
+                vals[touched.iter().position(|&t| t == j).unwrap()]
+            });
+            for (&j, v) in touched.iter().zip(&vals) {
+                for q in 0..N {
+                    let at = (i * f + j as usize) * N + q;
+                    x[at] = v[q] as f64;
+                    // The walk reports the new value of every touched pair.
+                    let want = if w.t == 1 {
+                        x[at]
+                    } else {
+                        m * dense[at] + (1.0 - m) * x[at]
+                    };
+                    assert!((sv[j as usize][q] as f64 - want).abs() <= 1e-5 * want);
+                }
+            }
+        }
+        for (d, x) in dense.iter_mut().zip(&x) {
+            *d = if ema.t == 1 {
+                *x
+            } else {
+                m * *d + (1.0 - m) * x
+            };
+        }
+        ema.end(0);
+    }
+
+    fn assert_matches_dense<const N: usize>(ema: &PairEma<N>, dense: &[f64]) {
+        let f = ema.lists.len();
+        let mut seen = vec![false; f * f];
+        for (i, l) in ema.lists.iter().enumerate() {
+            for e in l {
+                let v = ema.read(e);
+                seen[i * f + e.j as usize] = true;
+                for q in 0..N {
+                    let want = dense[(i * f + e.j as usize) * N + q];
+                    assert!(
+                        (v[q] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-30),
+                        "t {} pair ({i}, {}): {} vs {want}",
+                        ema.t,
+                        e.j,
+                        v[q]
+                    );
+                }
+            }
+        }
+        // With epsilon 0 nothing above zero is dropped.
+        for (p, &s) in seen.iter().enumerate() {
+            if !s {
+                assert!((0..N).all(|q| dense[p * N + q] == 0.0 || ema.epsilon > 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn ema_equals_dense_ema_across_rebases() {
+        // m = 0.7: the store rebases every ~116 updates; 300 updates cross it twice.
+        // Epsilon 0 keeps every pair ever seen; the comparison is relative.
+        let mut rng = Rng::new(17);
+        let f = 9;
+        let mut ema = PairEma::<2>::new(f, 0.7, 0.0, 1 << 20);
+        let mut dense = vec![0f64; f * f * 2];
+        let mut bases = Vec::new();
+        for _ in 0..300 {
+            random_update(&mut rng, &mut ema, &mut dense);
+            assert_matches_dense(&ema, &dense);
+            bases.push(ema.base);
+        }
+        bases.dedup();
+        assert!(bases.len() >= 3, "{bases:?}");
+        // Round trip through a checkpoint, then on identically.
+        let mut back = PairEma::<2>::new(f, 0.7, 0.0, 1 << 20);
+        back.load_bytes(&ema.to_bytes()).unwrap();
+        let (mut r1, mut r2) = (Rng::new(5), Rng::new(5));
+        let mut d2 = dense.clone();
+        for _ in 0..20 {
+            random_update(&mut r1, &mut ema, &mut dense);
+            random_update(&mut r2, &mut back, &mut d2);
+        }
+        assert_eq!(back.lists, ema.lists);
+        // A one-value store refuses a two-value state.
+        let err = PairEma::<1>::new(f, 0.7, 0.0, 1 << 20)
+            .load_bytes(&ema.to_bytes())
+            .unwrap_err();
+        assert!(err.to_string().contains("2 values per pair"), "{err}");
+    }
+
+    #[test]
+    fn ema_with_zero_momentum_keeps_only_the_batch() {
+        let mut rng = Rng::new(3);
+        let f = 7;
+        let mut ema = PairEma::<1>::new(f, 0.0, 0.0, 1 << 20);
+        let mut dense = vec![0f64; f * f];
+        for _ in 0..6 {
+            random_update(&mut rng, &mut ema, &mut dense);
+            assert_matches_dense(&ema, &dense);
+            // Only this batch's pairs remain.
+            let stored: usize = ema.entries();
+            assert_eq!(stored, dense.iter().filter(|&&d| d != 0.0).count());
+        }
+    }
+
+    #[test]
+    fn ema_reads_the_earlier_checkpoint_format() {
+        // Format 2: (j, last, v0, v1) entries read as v * m^(t - last) at update t.
+        let (m, t) = (0.5f32, 7u32);
+        let mut b = Vec::new();
+        b.extend_from_slice(PEMA_MAGIC_V2);
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&t.to_le_bytes());
+        b.extend_from_slice(&11u64.to_le_bytes()); // evicted
+        b.extend_from_slice(&1u32.to_le_bytes()); // a pending cutoff of 0.4 at update 6
+        b.extend_from_slice(&0.4f32.to_le_bytes());
+        b.extend_from_slice(&6u32.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes()); // latent 0: (0,0) at 7, (0,1) at 5
+        for (j, last, v0, v1) in [(0u32, 7u32, 0.25f32, 0.5f32), (1, 5, 0.8, 0.6)] {
+            for x in [
+                j.to_le_bytes(),
+                last.to_le_bytes(),
+                v0.to_le_bytes(),
+                v1.to_le_bytes(),
+            ] {
+                b.extend_from_slice(&x);
+            }
+        }
+        b.extend_from_slice(&0u32.to_le_bytes()); // latent 1: none
+        let mut ema = PairEma::<2>::new(2, m, 0.0, 16);
+        ema.load_bytes(&b).unwrap();
+        assert_eq!((ema.t, ema.evicted, ema.entries()), (7, 11, 2));
+        assert_eq!(ema.read(&ema.lists[0][0]), [0.25, 0.5]);
+        assert_eq!(ema.read(&ema.lists[0][1]), [0.2, 0.15]);
+        assert_eq!(ema.cut, Some((0.2, 6)));
+        // The one-value store of self-correcting keeps the first (equal) value.
+        let mut one = PairEma::<1>::new(2, m, 0.0, 16);
+        one.load_bytes(&b).unwrap();
+        assert_eq!(one.read(&one.lists[0][1]), [0.2]);
+    }
+
     #[test]
     fn ema_bound_drops_smallest_pairs() {
         // Pairs (0,1)=0.9, (0,2)=0.1, (1,3)=0.5, (2,3)=0.3.
@@ -838,7 +1061,7 @@ mod tests {
         let mut pos = vec![u32::MAX; 4];
         let mut sv = vec![[0f32; 2]; 4];
         // One update; `nbrs[i]` are latent i's partners (none: a walk that only decays).
-        let mut update = |ema: &mut PairEma, nbrs: [&[u32]; 4]| {
+        let mut update = |ema: &mut PairEma<2>, nbrs: [&[u32]; 4]| {
             let w = ema.begin();
             let mut evicted = 0;
             for (i, list) in ema.lists.iter_mut().enumerate() {
@@ -848,7 +1071,7 @@ mod tests {
             }
             ema.evicted += evicted;
         };
-        let kept = |ema: &PairEma| -> Vec<(usize, u32)> {
+        let kept = |ema: &PairEma<2>| -> Vec<(usize, u32)> {
             ema.lists
                 .iter()
                 .enumerate()
@@ -858,13 +1081,13 @@ mod tests {
         let all: [&[u32]; 4] = [&[1, 2], &[3], &[3], &[]];
         let none: [&[u32]; 4] = [&[], &[], &[], &[]];
         // Far above the bound (4 > 1.5 x 2): evicted at once, down to 3/4 of it.
-        let mut far = PairEma::new(4, 0.5, 0.0, 2);
+        let mut far = PairEma::<2>::new(4, 0.5, 0.0, 2);
         update(&mut far, all);
         far.enforce_bound();
         assert_eq!((kept(&far), far.evicted), (vec![(0, 1)], 3));
         // Just above (4 > 3): the cutoff keeping 3/4 of the bound (0.3) is evicted by
         // the next update's walks, at a decayed value, then forgotten.
-        let mut ema = PairEma::new(4, 0.5, 0.0, 3);
+        let mut ema = PairEma::<2>::new(4, 0.5, 0.0, 3);
         update(&mut ema, all);
         assert_eq!(ema.entries(), 4);
         ema.enforce_bound();
@@ -879,14 +1102,16 @@ mod tests {
         ema.begin();
         assert!((ema.read(&ema.lists[0][0])[0] - 0.225).abs() < 1e-7);
         let bytes = ema.to_bytes();
-        let mut back = PairEma::new(4, 0.5, 0.0, 3);
+        let mut back = PairEma::<2>::new(4, 0.5, 0.0, 3);
         back.load_bytes(&bytes).unwrap();
         assert_eq!(
             (back.lists.clone(), back.t, back.evicted),
             (ema.lists.clone(), ema.t, ema.evicted)
         );
         assert!(back.load_bytes(&bytes[..bytes.len() - 3]).is_err());
-        assert!(PairEma::new(5, 0.5, 0.0, 3).load_bytes(&bytes).is_err());
+        assert!(PairEma::<2>::new(5, 0.5, 0.0, 3)
+            .load_bytes(&bytes)
+            .is_err());
         // A pending cutoff survives a checkpoint.
         ema.cut = Some((0.25, ema.t));
         back.load_bytes(&ema.to_bytes()).unwrap();

@@ -40,7 +40,7 @@ pub struct ProgressiveConfig {
     /// half the threshold at m = 0.9; see docs/methods.md for what this approximates).
     /// 0 = only `ema_epsilon`.
     pub ema_epsilon_relative: f64,
-    /// At most this many stored EMA entries (16 bytes each); default 8M (128 MB).
+    /// At most this many stored EMA entries (12 bytes each); default 8M (96 MB).
     pub ema_max_entries: usize,
     /// Whether `i == j` terms count (the research's dense code included them: they
     /// penalise `||f_i||^2`); default false.
@@ -177,7 +177,7 @@ pub fn sparse_penalty(
     threshold: f64,
     weight: f64,
     diag: bool,
-    ema: Option<&mut PairEma>,
+    ema: Option<&mut PairEma<2>>,
     grad_val: Option<&mut [f32]>,
 ) -> ProgressiveStep {
     let f = codes.d_sae;
@@ -368,7 +368,7 @@ pub fn dense_reference(
 /// Method 1 as a [`Regularizer`].
 pub struct ProgressiveOrtho {
     cfg: ProgressiveConfig,
-    ema: Option<PairEma>,
+    ema: Option<PairEma<2>>,
     name: String,
 }
 
@@ -560,7 +560,7 @@ mod tests {
     fn sparse_ema_equals_dense_ema_over_steps() {
         let mut rng = Rng::new(9);
         let (b, f, k) = (20, 11, 4);
-        let mut ema = PairEma::new(f, 0.8, 0.0, 1 << 20);
+        let mut ema = PairEma::<2>::new(f, 0.8, 0.0, 1 << 20);
         let mut dense_ema = vec![0f64; f * f];
         for step in 0..5 {
             let c = codes(&mut rng, b, f, k);

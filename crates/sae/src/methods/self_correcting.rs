@@ -105,7 +105,7 @@ pub struct InterferenceConfig {
     pub ema_decay: f64,
     /// Stored statistics below this read as 0 and are dropped; default 1e-3.
     pub ema_epsilon: f64,
-    /// Bound on stored pair entries (16 bytes each); default 4M (64 MB).
+    /// Bound on stored pair entries (8 bytes each); default 4M (32 MB).
     pub ema_max_entries: usize,
     /// At most this many pairs (the largest weights) are penalised per step; default 16384.
     pub max_pairs_per_step: usize,
@@ -491,7 +491,7 @@ pub type Candidates = (Vec<(u32, u32, f32)>, usize);
 /// `a_ij = s_ij - tau > 0`, largest first (ties by index), at most `max_pairs`.
 pub fn interference_candidates(
     codes: &SparseCodes,
-    ema: &mut PairEma,
+    ema: &mut PairEma<1>,
     statistic: Statistic,
     tau: f32,
     max_pairs: usize,
@@ -515,7 +515,7 @@ pub fn interference_candidates(
                         Statistic::Correlation => d / (col_norm[i] * col_norm[j as usize]),
                         Statistic::SecondMoment => d * inv_b,
                     };
-                    [x, x]
+                    [x]
                 });
             let mut out = Vec::new();
             for &j in &s.touched {
@@ -733,7 +733,7 @@ pub fn pick_reactivations(
 pub struct SelfCorrecting {
     cfg: SelfCorrectingConfig,
     d_sae: usize,
-    ema: PairEma,
+    ema: PairEma<1>,
     /// Step at which each latent last fired (or started / was re-initialised).
     last_fired: Vec<usize>,
     started: bool,
@@ -1258,7 +1258,7 @@ mod tests {
                     .collect::<Vec<_>>(),
             );
         }
-        let mut ema = PairEma::new(f, 0.9, 0.0, 1 << 20);
+        let mut ema = PairEma::<1>::new(f, 0.9, 0.0, 1 << 20);
         let (got, n) =
             interference_candidates(&codes, &mut ema, Statistic::Correlation, 0.2, usize::MAX);
         let mut want = dense_candidates(&codes, 0.2);
@@ -1270,7 +1270,7 @@ mod tests {
             assert!((g.2 - w.2).abs() < 1e-5);
         }
         // The per-step cap keeps the largest.
-        let mut ema = PairEma::new(f, 0.9, 0.0, 1 << 20);
+        let mut ema = PairEma::<1>::new(f, 0.9, 0.0, 1 << 20);
         let (top, _) = interference_candidates(&codes, &mut ema, Statistic::Correlation, 0.2, 3);
         assert_eq!(top.len(), 3);
         assert_eq!((top[0].0, top[0].1), (want[0].0, want[0].1));
