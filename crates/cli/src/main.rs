@@ -52,6 +52,7 @@ enum Command {
 }
 
 fn main() {
+    saelab_core::malloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

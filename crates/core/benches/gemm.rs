@@ -180,6 +180,8 @@ fn fma_peak(threads: usize) -> Option<(f64, f64, f64, f64)> {
 }
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without
     // it, and a multi-minute benchmark has no place in a test run.
     if !std::env::args().any(|a| a == "--bench") {

@@ -9,9 +9,11 @@
 //!   read activations through (a memory-mapped store, an in-memory matrix, or the LM).
 //! - [`assets`]: the cache of the default model and corpora, fetched with pip and npm.
 //! - [`fsutil`]: write-to-temp-then-rename helpers, so no command leaves half a file.
+//! - [`malloc`]: keep the training step's large buffers in the heap between steps.
 
 pub mod assets;
 pub mod fsutil;
 pub mod gemm;
+pub mod malloc;
 pub mod rng;
 pub mod source;

@@ -11,6 +11,8 @@ use saelab_lm::{HookKind, HookPoint, Hooks, Model};
 use std::time::Instant;
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

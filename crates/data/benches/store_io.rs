@@ -34,6 +34,8 @@ fn drain(src: &mut dyn ActivationSource, batch: usize) -> (usize, f64) {
 }
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

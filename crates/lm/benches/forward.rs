@@ -46,6 +46,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let path = match std::env::var("SAELAB_LM_MODEL") {
         Ok(p) => PathBuf::from(p),
         Err(_) => saelab_core::assets::ensure_model().expect("fetch the default model"),

@@ -15,6 +15,8 @@ use saelab_sae::kernels::{encoder_topk, topk_select};
 use std::time::Instant;
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let (f, k, b) = common::SHAPE;
     for d in common::dims() {
         let mut r = Rng::new(3);

@@ -190,6 +190,8 @@ fn loadavg() -> String {
 }
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
     // Optional section filter: `m1`, `dense`, `m2`, `step` (default: all).

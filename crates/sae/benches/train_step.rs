@@ -15,6 +15,8 @@ use saelab_sae::trainer::{TrainHooks, TrainSae, W_ENC};
 use std::time::Instant;
 
 fn main() {
+    // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
+    saelab_core::malloc::keep_freed_memory();
     let standard = std::env::args().any(|a| a == "standard");
     let (f, k, b) = common::SHAPE;
     for d in common::dims() {
