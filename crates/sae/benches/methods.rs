@@ -346,7 +346,13 @@ fn main() {
             .iter()
             .find_map(|a| a.strip_prefix("warmup="))
             .map_or(2, |n| n.parse().expect("warmup=N takes a number"));
-        step_overhead(reps, &methods, sweep, warmup);
+        // `steps=N`: timed steps per model (default 9, `quick` 3): the ratio of two
+        // medians of 9 steps moves by about +-0.04 from round to round.
+        let steps = args
+            .iter()
+            .find_map(|a| a.strip_prefix("steps="))
+            .map_or(reps, |n| n.parse().expect("steps=N takes a number"));
+        step_overhead(steps, &methods, sweep, warmup);
     }
     if !run("m2") {
         println!("load average at end: {}", loadavg());
