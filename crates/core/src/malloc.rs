@@ -15,9 +15,14 @@
 //! what it was). Called at the start of `saelab` and of the benchmarks; a no-op on other
 //! C libraries, and when `SAELAB_SYSTEM_MALLOC=1` (for comparing the two).
 
+/// `SAELAB_SYSTEM_MALLOC=1`: leave the C library's defaults.
+fn switched_off() -> bool {
+    std::env::var_os("SAELAB_SYSTEM_MALLOC").is_some_and(|v| v == "1")
+}
+
 /// See the module docs. Returns whether the tuning was applied.
 pub fn keep_freed_memory() -> bool {
-    if std::env::var_os("SAELAB_SYSTEM_MALLOC").is_some_and(|v| v == "1") {
+    if switched_off() {
         return false;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -52,7 +57,7 @@ mod tests {
 
     #[test]
     fn large_blocks_come_from_the_heap_after_tuning() {
-        if std::env::var_os("SAELAB_SYSTEM_MALLOC").is_some_and(|v| v == "1") {
+        if super::switched_off() {
             return;
         }
         // glibc's default: a 40 MB block gets its own mapping (unmapped when freed).

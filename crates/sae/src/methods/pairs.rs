@@ -466,11 +466,11 @@ impl<const N: usize> PairEma<N> {
     /// Value of an entry at the current update index (0 if below epsilon).
     #[inline]
     pub fn read(&self, e: &PairEntry<N>) -> [f32; N] {
-        let v = e.s.map(|x| x * self.d_now);
-        if v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) < self.epsilon {
+        // Scaling by `d_now > 0` keeps the largest number the largest, bit for bit.
+        if e.top() * self.d_now < self.epsilon {
             [0.0; N]
         } else {
-            v
+            e.s.map(|x| x * self.d_now)
         }
     }
 
