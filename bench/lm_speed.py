@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch f32 baseline for the saelab-lm forward benchmark (crates/lm/benches/forward.rs).
+"""PyTorch f32 (or bf16, `--dtype bfloat16`) baseline for the saelab-lm forward benchmark (crates/lm/benches/forward.rs).
 
 Loads the same GGUF with transformers (dequantised to f32), runs the token ids the Rust
 bench wrote (8 x 128 Brown-corpus tokens) on 2 threads: the full forward with logits, and
@@ -47,13 +47,15 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16: the whole model in bf16 (oneDNN's AMX kernels where the CPU has AMX)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d, name = os.path.split(os.path.abspath(args.gguf))
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=getattr(torch, args.dtype)).eval()
     ids = torch.tensor(json.load(open(args.tokens)), dtype=torch.long).reshape(8, 128)
     n = ids.numel()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 8 x seq 128")
+    print(f"torch {torch.__version__}, {args.dtype}, threads {torch.get_num_threads()}, batch 8 x seq 128")
 
     with torch.inference_mode():
         t = timed(lambda: model(ids, use_cache=False), args.iters)

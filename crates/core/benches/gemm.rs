@@ -12,6 +12,7 @@
 
 use half::bf16;
 use saelab_core::gemm::{
+    amx::{self, gemm_bf16_products, PackedBf16},
     gemm, gemm_bf16b, gemm_bf16b_serial, gemm_serial, kernel_name, BfMatRef, MatMut, MatRef,
 };
 use saelab_core::rng::Rng;
@@ -190,7 +191,15 @@ fn main() {
     }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let threads = rayon::current_num_threads();
-    println!("saelab kernel: {}; rayon threads: {threads}", kernel_name());
+    println!(
+        "saelab kernel: {}; AMX bf16 tiles: {}; rayon threads: {threads}",
+        kernel_name(),
+        if amx::available() {
+            "yes"
+        } else {
+            "no (f32 fallback)"
+        }
+    );
     #[cfg(target_arch = "x86_64")]
     if filter.is_none() || filter.as_deref() == Some("peak") {
         if let Some((ghz, per_cycle, p1, pn)) = fma_peak(threads) {
@@ -202,8 +211,13 @@ fn main() {
     }
     println!("GFLOP/s, best (median) of repeated runs");
     print!(
-        "{:<52} {:>16} {:>16} {:>16} {:>16}",
-        "shape [m x k] x [k x n]", "saelab", "saelab serial", "saelab bf16 B", "matrixmultiply"
+        "{:<52} {:>16} {:>16} {:>16} {:>16} {:>16}",
+        "shape [m x k] x [k x n]",
+        "saelab",
+        "saelab serial",
+        "saelab bf16 B",
+        "bf16 products",
+        "matrixmultiply"
     );
     #[cfg(feature = "bench-peers")]
     print!(" {:>16}", "gemm 0.19");
@@ -304,12 +318,19 @@ fn run_shape(s: &Shape) {
             }
         }),
     );
+    // bf16 A and B, f32 sums (AMX tiles where available); B packed once, as weights are.
+    let packed = PackedBf16::pack(bv);
+    let amx = cell(
+        flops,
+        time_it(|| gemm_bf16_products(av, &packed, false, MatMut::row_major(&mut c, m, n))),
+    );
     print!(
-        "{:<52} {:>16} {:>16} {:>16} {:>16}",
+        "{:<52} {:>16} {:>16} {:>16} {:>16} {:>16}",
         format!("{} [{m}x{k}]x[{k}x{n}]", s.name),
         par,
         ser,
         bf,
+        amx,
         mm
     );
     #[cfg(feature = "bench-peers")]

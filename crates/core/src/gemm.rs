@@ -9,6 +9,7 @@
 //! AVX-512 the multithreaded fallback is the `matrixmultiply` crate and the serial one a
 //! portable kernel. Measurements: `docs/benchmarks.md` (`cargo bench -p saelab-core --bench gemm`).
 
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod driver;

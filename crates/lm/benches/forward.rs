@@ -98,10 +98,19 @@ fn main() {
         },
     )
     .expect("load bf16");
+    let bc = Model::load_with(
+        &path,
+        &LoadOptions {
+            weights: WeightDtype::Bf16Compute,
+        },
+    )
+    .expect("load bf16 compute");
     println!(
-        "weights in memory: f32 {:.0} MB, bf16 {:.0} MB",
+        "weights in memory: f32 {:.0} MB, bf16 {:.0} MB, bf16 compute {:.0} MB; AMX bf16 tiles: {}",
         model.weight_bytes() as f64 / 1e6,
-        bf.weight_bytes() as f64 / 1e6
+        bf.weight_bytes() as f64 / 1e6,
+        bc.weight_bytes() as f64 / 1e6,
+        saelab_core::gemm::amx::available()
     );
     let cases: Vec<(&str, &Model, bool, f64)> = vec![
         (
@@ -125,6 +134,18 @@ fn main() {
         (
             "bf16 extract blocks.15.hook_resid_post",
             &bf,
+            false,
+            16.0 * per_layer,
+        ),
+        (
+            "bf16 compute full forward + logits",
+            &bc,
+            true,
+            c.n_layers as f64 * per_layer + head,
+        ),
+        (
+            "bf16 compute extract blocks.15.hook_resid_post",
+            &bc,
             false,
             16.0 * per_layer,
         ),
@@ -152,25 +173,33 @@ fn main() {
         );
     }
 
-    // What bf16 storage costs in accuracy on this input.
-    let f = model
-        .forward(&tokens, BATCH, SEQ, &mut Hooks::new().capture(hp))
-        .expect("forward");
-    let b = bf
-        .forward(&tokens, BATCH, SEQ, &mut Hooks::new().capture(hp))
-        .expect("forward");
+    // What bf16 storage and bf16 compute cost in accuracy on this input.
+    let full = |m: &Model| {
+        m.forward(
+            &tokens,
+            BATCH,
+            SEQ,
+            &mut Hooks::new().capture(hp).logits(true),
+        )
+        .expect("forward")
+    };
+    let f = full(&model);
     let rel = |x: &[f32], y: &[f32]| {
         let num: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
         let den: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
         (num / den).sqrt()
     };
     let v = c.vocab_size;
-    let (fl, bl) = (f.logits.unwrap(), b.logits.unwrap());
-    println!(
-        "bf16 vs f32: blocks.15.hook_resid_post rel err {:.2e}, logits rel err {:.2e}, CE {:.4} vs {:.4} nats",
-        rel(&b.captured[&hp], &f.captured[&hp]),
-        rel(&bl, &fl),
-        cross_entropy(&bl, &tokens, BATCH, SEQ, v),
-        cross_entropy(&fl, &tokens, BATCH, SEQ, v)
-    );
+    let fl = f.logits.as_ref().unwrap();
+    for (name, m) in [("bf16", &bf), ("bf16 compute", &bc)] {
+        let b = full(m);
+        let bl = b.logits.as_ref().unwrap();
+        println!(
+            "{name} vs f32: blocks.15.hook_resid_post rel err {:.2e}, logits rel err {:.2e}, CE {:.4} vs {:.4} nats",
+            rel(&b.captured[&hp], &f.captured[&hp]),
+            rel(bl, fl),
+            cross_entropy(bl, &tokens, BATCH, SEQ, v),
+            cross_entropy(fl, &tokens, BATCH, SEQ, v)
+        );
+    }
 }

@@ -118,25 +118,29 @@ impl Weights {
     }
 
     /// Convert every matrix to `dtype` storage (norm vectors stay f32).
-    fn convert(self, dtype: WeightDtype) -> Weights {
-        if dtype == WeightDtype::F32 {
-            return self;
-        }
+    fn convert(self, dtype: WeightDtype, c: &ModelConfig) -> Weights {
+        let conv: &dyn Fn(Mat, usize, usize) -> Mat = match dtype {
+            WeightDtype::F32 => return self,
+            WeightDtype::Bf16 => &|m: Mat, _, _| m.to_bf16(),
+            WeightDtype::Bf16Compute => &|m: Mat, rows, cols| m.to_bf16_products(rows, cols),
+        };
+        let (d, hd, ff) = (c.d_model, c.head_dim, c.d_ff);
+        let q_kv = (c.n_heads + 2 * c.n_kv_heads) * hd;
         Weights {
-            embed: self.embed.to_bf16(),
+            embed: conv(self.embed, c.vocab_size, d),
             layers: self
                 .layers
                 .into_iter()
                 .map(|l| Layer {
-                    wqkv: l.wqkv.to_bf16(),
-                    wo: l.wo.to_bf16(),
-                    w_gate_up: l.w_gate_up.to_bf16(),
-                    w_down: l.w_down.to_bf16(),
+                    wqkv: conv(l.wqkv, q_kv, d),
+                    wo: conv(l.wo, d, c.n_heads * hd),
+                    w_gate_up: conv(l.w_gate_up, 2 * ff, d),
+                    w_down: conv(l.w_down, d, ff),
                     ..l
                 })
                 .collect(),
             final_norm: self.final_norm,
-            lm_head: self.lm_head.map(Mat::to_bf16),
+            lm_head: self.lm_head.map(|m| conv(m, c.vocab_size, d)),
         }
     }
 
@@ -155,7 +159,7 @@ impl Weights {
     }
 }
 
-/// How weight matrices are stored in memory. Compute is f32 either way.
+/// How weight matrices are stored, and the precision of the projections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightDtype {
     /// f32 (default): exact dequantised weights.
@@ -164,6 +168,12 @@ pub enum WeightDtype {
     /// bf16 storage, widened to f32 inside the GEMM: half the memory, weights rounded to
     /// 8 significant bits.
     Bf16,
+    /// bf16 weights and bf16 inputs to every projection, sums in f32: the arithmetic of
+    /// PyTorch's bf16 on a CPU, on AMX tiles where this CPU has them (Sapphire Rapids and
+    /// later; `saelab_core::gemm::amx`), elsewhere the same rounded values through the
+    /// f32 GEMM (slower than `F32` there). Norms, attention and the residual stream stay
+    /// f32.
+    Bf16Compute,
 }
 
 /// Options of [`Model::load_with`].
@@ -236,7 +246,7 @@ impl Model {
         // The rotary table is precomputed; cap it so huge advertised contexts cost no memory.
         config.max_seq = config.max_seq.min(MAX_ROPE_POSITIONS);
         let rope = Rope::new(config.head_dim, config.rope_theta, config.max_seq);
-        let weights = weights.convert(opts.weights);
+        let weights = weights.convert(opts.weights, &config);
         Ok(Model {
             config,
             tokenizer,

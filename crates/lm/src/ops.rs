@@ -7,14 +7,16 @@
 
 use half::bf16;
 use rayon::prelude::*;
+use saelab_core::gemm::amx::{gemm_bf16_products, PackedBf16};
 use saelab_core::gemm::{gemm, gemm_bf16b, gemm_serial, BfMatRef, MatMut, MatRef};
 
-/// A weight matrix `[out, in]`, row-major, stored as f32 or bf16. bf16 storage halves the
-/// memory of the weights; products and sums stay f32 (the GEMM widens bf16 while packing,
-/// this CPU has no bf16 arithmetic).
+/// A weight matrix `[out, in]`: row-major f32; row-major bf16 (half the memory, products
+/// and sums still f32: the GEMM widens bf16 while packing); or bf16 packed for bf16
+/// products (`W^T` in AMX tiles, inputs rounded to bf16 too, sums f32).
 pub enum Mat {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    Bf16Products(PackedBf16),
 }
 
 impl From<Vec<f32>> for Mat {
@@ -32,6 +34,19 @@ impl Mat {
         }
     }
 
+    /// The same matrix (`rows x cols`) packed for bf16 products (round to nearest even).
+    pub fn to_bf16_products(self, rows: usize, cols: usize) -> Mat {
+        let packed = match &self {
+            Mat::F32(v) => PackedBf16::pack(MatRef::row_major(v, rows, cols).t()),
+            Mat::Bf16(v) => {
+                let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                PackedBf16::pack(MatRef::row_major(&f, rows, cols).t())
+            }
+            Mat::Bf16Products(_) => return self,
+        };
+        Mat::Bf16Products(packed)
+    }
+
     /// Copy row `r` (of width `out.len()`) as f32 into `out`, times `scale`.
     pub fn row_into(&self, r: usize, out: &mut [f32], scale: f32) {
         let d = out.len();
@@ -46,6 +61,12 @@ impl Mat {
                     *o = x.to_f32() * scale;
                 }
             }
+            // Packed as W^T: row r of W is column r of the packed matrix.
+            Mat::Bf16Products(p) => {
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = p.at(c, r) * scale;
+                }
+            }
         }
     }
 
@@ -54,6 +75,7 @@ impl Mat {
         match self {
             Mat::F32(v) => v.len() * 4,
             Mat::Bf16(v) => v.len() * 2,
+            Mat::Bf16Products(p) => p.bytes(),
         }
     }
 }
@@ -107,6 +129,13 @@ fn linear_beta(
             beta,
             c,
         ),
+        Mat::Bf16Products(p) => {
+            assert!(
+                p.rows() == n_in && p.cols() == n_out,
+                "linear: packed weight shape"
+            );
+            gemm_bf16_products(a, p, beta != 0.0, c)
+        }
     }
 }
 
