@@ -319,7 +319,7 @@ pub fn cache_activations(
     let d = model.config().d_model;
     let ctx = opts.ctx_len;
     let spec = StoreSpec {
-        model: model.config().name.clone(),
+        model: model.name_with_precision(),
         hook: opts.hook.to_string(),
         d_model: d,
         dtype: opts.dtype,

@@ -13,7 +13,7 @@ fn hook_point(hook: &str) -> Result<HookPoint> {
 
 impl HookedLm for Model {
     fn name(&self) -> String {
-        self.config().name.clone()
+        self.name_with_precision()
     }
     fn d_model(&self) -> usize {
         self.config().d_model

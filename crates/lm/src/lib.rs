@@ -176,6 +176,32 @@ pub enum WeightDtype {
     Bf16Compute,
 }
 
+impl WeightDtype {
+    /// The name users write (`--lm-precision`, a plan's `lm_precision`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16-weights",
+            WeightDtype::Bf16Compute => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => WeightDtype::F32,
+            "bf16-weights" => WeightDtype::Bf16,
+            "bf16" => WeightDtype::Bf16Compute,
+            _ => bail!(
+                "unknown LM precision {s:?}: f32 (exact), bf16-weights (bf16 storage, f32 \
+                 arithmetic) or bf16 (bf16 products, f32 sums; AMX tiles where the CPU has them)"
+            ),
+        })
+    }
+}
+
 /// Options of [`Model::load_with`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
@@ -226,6 +252,7 @@ pub struct Model {
     config: ModelConfig,
     tokenizer: Tokenizer,
     weights: Weights,
+    weight_dtype: WeightDtype,
     rope: Rope,
     workspace: Mutex<Workspace>,
 }
@@ -251,6 +278,7 @@ impl Model {
             config,
             tokenizer,
             weights,
+            weight_dtype: opts.weights,
             rope,
             workspace: Mutex::new(Workspace::default()),
         })
@@ -262,6 +290,20 @@ impl Model {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// How the weights are held and the projections computed.
+    pub fn weight_dtype(&self) -> WeightDtype {
+        self.weight_dtype
+    }
+
+    /// The model's name with its precision when not f32 (`"<name> [bf16]"`): the name
+    /// caches and result files record, so numbers of different precisions never mix.
+    pub fn name_with_precision(&self) -> String {
+        match self.weight_dtype {
+            WeightDtype::F32 => self.config.name.clone(),
+            d => format!("{} [{}]", self.config.name, d.as_str()),
+        }
     }
 
     /// Bytes held by the weights (matrices and norm vectors).

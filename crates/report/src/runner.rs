@@ -18,7 +18,7 @@ use saelab_core::fsutil::write_atomic;
 use saelab_data::cache::{cache_activations, CacheOptions};
 use saelab_data::corpus::load_corpus;
 use saelab_data::store::{ActivationStore, ShuffleOptions, ShuffledReader};
-use saelab_lm::{HookPoint, Model};
+use saelab_lm::{HookPoint, LoadOptions, Model};
 use saelab_sae::{train, TrainConfig, TrainOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -140,7 +140,10 @@ pub fn run_plan(
     // Stage 1: activations.
     overall.set_message("loading the model");
     let model_path = saelab_core::assets::resolve_model(&plan.model)?;
-    let model = Model::load(&model_path)
+    let lm_opts = LoadOptions {
+        weights: plan.lm_precision.parse()?,
+    };
+    let model = Model::load_with(&model_path, &lm_opts)
         .with_context(|| format!("loading model {}", model_path.display()))?;
     hook.check(model.config().n_layers)?;
     let store_dir = run.join("activations");
@@ -166,14 +169,17 @@ pub fn run_plan(
     {
         // A complete store is reused as is: make sure it is this plan's.
         let m = store.manifest();
-        if m.hook != plan.hook || m.ctx_len != plan.ctx_len || m.model != model.config().name {
+        if m.hook != plan.hook
+            || m.ctx_len != plan.ctx_len
+            || m.model != model.name_with_precision()
+        {
             bail!(
                 "{} holds activations of {} at {} (context {}), but the plan asks for {} at {} (context {}); use a new run directory",
                 store_dir.display(),
                 m.model,
                 m.hook,
                 m.ctx_len,
-                model.config().name,
+                model.name_with_precision(),
                 plan.hook,
                 plan.ctx_len
             );
@@ -199,7 +205,7 @@ pub fn run_plan(
                 .iter()
                 .map(|(_, _, c)| {
                     let mut c = c.clone();
-                    c.metadata.model_name = model.config().name.clone();
+                    c.metadata.model_name = model.name_with_precision();
                     c
                 })
                 .collect();

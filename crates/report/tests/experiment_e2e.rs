@@ -140,5 +140,25 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     let other = PLAN.replace("train_tokens = 6144", "train_tokens = 8192");
     let e = run_plan(&Plan::parse(&other).unwrap(), &other, &ev, &opts).unwrap_err();
     assert!(format!("{e:#}").contains("different plan"), "{e:#}");
+
+    // Activations cached in f32 are not reused by a plan asking for bf16 arithmetic.
+    let run2 = run.with_extension("bf16");
+    let _ = std::fs::remove_dir_all(&run2);
+    std::fs::create_dir_all(run2.join("activations")).unwrap();
+    for f in std::fs::read_dir(run.join("activations")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, run2.join("activations").join(f.file_name().unwrap())).unwrap();
+    }
+    let bf16 = PLAN.replace("seeds = [0, 1]", "seeds = [0, 1]\nlm_precision = \"bf16\"");
+    let opts2 = RunOptions {
+        run_dir: run2.clone(),
+        progress: false,
+    };
+    let e = run_plan(&Plan::parse(&bf16).unwrap(), &bf16, &ev, &opts2).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("holds activations of") && format!("{e:#}").contains("[bf16]"),
+        "{e:#}"
+    );
+    std::fs::remove_dir_all(&run2).unwrap();
     std::fs::remove_dir_all(&run).unwrap();
 }
