@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GEMM GFLOP/s of numpy (and torch, if installed) on the shapes of
+"""GEMM GFLOP/s of numpy (and torch f32 and bf16, if installed) on the shapes of
 crates/core/benches/gemm.rs, as the reference peak for saelab's kernel.
 
 Run: python3 bench/gemm_peers.py [--threads 2] [--secs 1.0]
@@ -59,6 +59,7 @@ def main():
 
         torch.set_num_threads(args.threads)
         peers.append(("torch", torch))
+        peers.append(("torch bf16", torch))
     except ImportError:
         torch = None
     cfg = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
@@ -79,6 +80,10 @@ def main():
         if torch is not None:
             ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
             row += f"{cell(flops, time_it(lambda: torch.matmul(ta, tb, out=tc))):>17}"
+            # bf16 A and B, bf16 output (oneDNN's AMX kernels where the CPU has AMX).
+            ha, hb = ta.bfloat16(), tb.bfloat16()
+            hc = torch.empty((m, n), dtype=torch.bfloat16)
+            row += f"{cell(flops, time_it(lambda: torch.matmul(ha, hb, out=hc))):>17}"
         print(row, flush=True)
 
 

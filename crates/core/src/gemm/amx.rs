@@ -64,6 +64,21 @@ impl PackedBf16 {
         data.par_chunks_mut(chunks * TILE_ELEMS)
             .enumerate()
             .for_each(|(jb, block)| {
+                if b.rs == 1 && k > 0 {
+                    // B = W^T of a row-major W: column j is W's row j, so each tile row's
+                    // (k, k+1) pair is two neighbours of that row.
+                    for jj in 0..BLOCK_N.min(n - jb * BLOCK_N) {
+                        let j = jb * BLOCK_N + jj;
+                        let col = &b.data[(j as isize * b.cs) as usize..][..k];
+                        for (c, piece) in col.chunks(CHUNK_K).enumerate() {
+                            let tile = &mut block[c * TILE_ELEMS..][..TILE_ELEMS];
+                            for (kk, &x) in piece.iter().enumerate() {
+                                tile[(kk / 2) * CHUNK_K + jj * 2 + kk % 2] = bf16_bits(x);
+                            }
+                        }
+                    }
+                    return;
+                }
                 for jj in 0..BLOCK_N.min(n - jb * BLOCK_N) {
                     let j = jb * BLOCK_N + jj;
                     for kk in 0..k {
@@ -137,15 +152,51 @@ pub fn gemm_bf16_products(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut
     gemm_rounded_f32(a, b, accumulate, c);
 }
 
-/// The fallback (and the tests' reference): round A, widen B, multiply in f32.
-pub fn gemm_rounded_f32(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut) {
+/// [`super::gemm_tiles`] on bf16 products: `bf16(A) * B` (sums in f32) handed to `tile`
+/// block by block while in cache, one task (state) per contiguous column range, in
+/// column order. On AMX tiles where [`available`], otherwise `gemm_tiles` on the rounded
+/// values. A TopK encoder selects from these and recomputes the chosen values in f32.
+pub fn gemm_tiles_bf16<S: Send>(
+    a: MatRef,
+    b: &PackedBf16,
+    init: &(dyn Fn(std::ops::Range<usize>, std::ops::Range<usize>) -> S + Sync),
+    tile: &(dyn Fn(&mut S, &super::Tile) + Sync),
+) -> Vec<S> {
+    assert_eq!(a.cols, b.k, "gemm_tiles_bf16: inner dimensions differ");
+    a.check();
+    if a.rows == 0 || b.n == 0 {
+        return Vec::new();
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if available() && b.k > 0 {
+        return tiles::gemm_tiles(a, b, init, tile);
+    }
+    let ar = round_f32(a);
+    let bf = b.to_f32();
+    super::gemm_tiles(
+        MatRef::row_major(&ar, a.rows, a.cols),
+        MatRef::row_major(&bf, b.k, b.n),
+        init,
+        tile,
+    )
+}
+
+/// `a` rounded to bf16 values, as a row-major f32 matrix.
+fn round_f32(a: MatRef) -> Vec<f32> {
     let (m, k) = (a.rows, a.cols);
     let mut ar = vec![0f32; m * k];
     for (i, row) in ar.chunks_mut(k.max(1)).enumerate() {
         for (kk, o) in row.iter_mut().enumerate() {
-            *o = bf16::from_f32(a.at(i, kk)).to_f32();
+            *o = bf16::from_bits(bf16_bits(a.at(i, kk))).to_f32();
         }
     }
+    ar
+}
+
+/// The fallback (and the tests' reference): round A, widen B, multiply in f32.
+pub fn gemm_rounded_f32(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut) {
+    let (m, k) = (a.rows, a.cols);
+    let ar = round_f32(a);
     let bf = b.to_f32();
     gemm(
         1.0,
@@ -178,7 +229,7 @@ pub fn available() -> bool {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod tiles {
     use super::*;
-    use crate::gemm::SyncPtr;
+    use crate::gemm::{SyncPtr, Tile};
     use std::arch::asm;
 
     /// CPUID leaf 7 EDX: AMX-BF16 is bit 22, AMX-TILE bit 24. Linux hands out the tile
@@ -219,11 +270,11 @@ mod tiles {
         TileConfig(c)
     };
 
-    pub(super) fn gemm(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut) {
-        let (m, k, n) = (a.rows, b.k, b.n);
-        let chunks = b.chunks;
-        // bf16(A) in tiles: for each 32-row panel and k chunk, two contiguous 1 KiB tiles
-        // (rows 0-15, 16-31); rows past m and k past the end are zeros.
+    /// bf16(A) in tiles: for each 32-row panel and k chunk, two contiguous 1 KiB tiles
+    /// (rows 0-15, 16-31); rows past m and k past the end are zeros. Returns the padded
+    /// row count.
+    fn pack_a(a: MatRef, chunks: usize) -> (Vec<u16>, usize) {
+        let (m, k) = (a.rows, a.cols);
         let m_pad = m.div_ceil(PANEL_M) * PANEL_M;
         let panel_elems = chunks * 2 * TILE_ELEMS;
         let mut a16 = vec![0u16; m_pad * chunks * CHUNK_K];
@@ -250,33 +301,76 @@ mod tiles {
                     }
                 }
             });
-        // Column-block pairs, split into one contiguous range per thread.
+        (a16, m_pad)
+    }
+
+    /// Threads for the product, and each one's contiguous range of column-block pairs.
+    fn split(m: usize, b: &PackedBf16) -> Vec<std::ops::Range<usize>> {
         let pairs = b.blocks.div_ceil(2);
-        let threads = if m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
+        let threads = if m.saturating_mul(b.n).saturating_mul(b.k) < SERIAL_BELOW {
             1
         } else {
-            rayon::current_num_threads().min(pairs)
+            rayon::current_num_threads().min(pairs).max(1)
         };
+        (0..threads)
+            .map(|t| pairs * t / threads..pairs * (t + 1) / threads)
+            .collect()
+    }
+
+    pub(super) fn gemm(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut) {
+        let (a16, m_pad) = pack_a(a, b.chunks);
         let (c_rs, c_cs) = (c.rs, c.cs);
         let cptr = SyncPtr(c.data.as_mut_ptr());
         let a16 = &a16;
-        (0..threads).into_par_iter().for_each(|t| {
-            let range = pairs * t / threads..pairs * (t + 1) / threads;
-            let out = Out {
+        split(a.rows, b).into_par_iter().for_each(|range| {
+            let mut sink = Sink::C(Out {
                 ptr: cptr,
                 rs: c_rs,
                 cs: c_cs,
-                m,
-                n,
+                m: a.rows,
+                n: b.n,
                 accumulate,
-            };
+            });
             // SAFETY: every tile load reads inside `a16` (m_pad / 32 whole panels) or inside
             // `b.data` (blocks x chunks tiles; a missing odd block re-reads the last one and
             // its columns, all >= n, are never written); each thread writes only the
             // columns of its own block pairs of C, which is injective and exclusively
             // borrowed by the caller.
-            unsafe { strip(a16, m_pad, b, range, &out) };
+            unsafe { strip(a16, m_pad, b, range, &mut sink) };
         });
+    }
+
+    pub(super) fn gemm_tiles<S: Send>(
+        a: MatRef,
+        b: &PackedBf16,
+        init: &(dyn Fn(std::ops::Range<usize>, std::ops::Range<usize>) -> S + Sync),
+        tile: &(dyn Fn(&mut S, &Tile) + Sync),
+    ) -> Vec<S> {
+        let (a16, m_pad) = pack_a(a, b.chunks);
+        let a16 = &a16;
+        let (m, n) = (a.rows, b.n);
+        split(m, b)
+            .into_par_iter()
+            .map(|range| {
+                let cols = (range.start * 2 * BLOCK_N).min(n)..(range.end * 2 * BLOCK_N).min(n);
+                let mut state = init(0..m, cols);
+                let mut feed = |t: &Tile| tile(&mut state, t);
+                // SAFETY: reads as in `gemm`; the tiles are this thread's buffer.
+                unsafe { strip(a16, m_pad, b, range, &mut Sink::Tiles { m, f: &mut feed }) };
+                state
+            })
+            .collect()
+    }
+
+    /// Where finished 32 x 32 blocks go.
+    enum Sink<'a> {
+        /// Into C (straight from the tiles where a whole block fits a row-major C).
+        C(Out),
+        /// To a consumer, as [`Tile`]s of the valid rows (of `m`) and columns.
+        Tiles {
+            m: usize,
+            f: &'a mut dyn FnMut(&Tile),
+        },
     }
 
     /// Where and how a panel of C is written.
@@ -295,7 +389,7 @@ mod tiles {
         m_pad: usize,
         b: &PackedBf16,
         pairs: std::ops::Range<usize>,
-        out: &Out,
+        sink: &mut Sink,
     ) {
         asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
         let mut tmp = [0f32; PANEL_M * 2 * BLOCK_N];
@@ -304,7 +398,7 @@ mod tiles {
         let block_m = ((1 << 20) / (b.chunks * 2 * TILE_ELEMS * 2)).max(1) * PANEL_M;
         for rb in (0..m_pad).step_by(block_m) {
             for pair in pairs.clone() {
-                panels(a16, rb..(rb + block_m).min(m_pad), b, pair, out, &mut tmp);
+                panels(a16, rb..(rb + block_m).min(m_pad), b, pair, sink, &mut tmp);
             }
         }
         asm!("tilerelease", options(nostack, nomem));
@@ -316,93 +410,117 @@ mod tiles {
         rows: std::ops::Range<usize>,
         b: &PackedBf16,
         pair: usize,
-        out: &Out,
+        sink: &mut Sink,
         tmp: &mut [f32; PANEL_M * 2 * BLOCK_N],
     ) {
         let tile_bytes = TILE_ELEMS * 2;
-        {
-            let jb0 = 2 * pair;
-            let jb1 = (jb0 + 1).min(b.blocks - 1);
-            let b0 = b.data.as_ptr().add(jb0 * b.chunks * TILE_ELEMS) as *const u8;
-            let b1 = b.data.as_ptr().add(jb1 * b.chunks * TILE_ELEMS) as *const u8;
-            let col0 = jb0 * BLOCK_N;
-            for row0 in rows.step_by(PANEL_M) {
-                let a0 = a16.as_ptr().add(row0 * b.chunks * CHUNK_K) as *const u8;
-                let a1 = a0.add(tile_bytes);
-                // Whole 32 x 32 block inside a row-major C: tiles go straight to C.
-                let direct = out.cs == 1 && row0 + PANEL_M <= out.m && col0 + 2 * BLOCK_N <= out.n;
-                let cblk = out.ptr.get().offset(row0 as isize * out.rs + col0 as isize) as *mut u8;
-                let c_stride = out.rs as usize * 4;
-                if direct && out.accumulate {
-                    asm!(
-                        "tileloadd tmm0, [{c} + {s}*1]",
-                        "tileloadd tmm1, [{c} + {s}*1 + 64]",
-                        "tileloadd tmm2, [{c2} + {s}*1]",
-                        "tileloadd tmm3, [{c2} + {s}*1 + 64]",
-                        c = in(reg) cblk, c2 = in(reg) cblk.add(16 * c_stride), s = in(reg) c_stride,
-                        options(nostack, readonly)
-                    );
-                } else {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
+        let jb0 = 2 * pair;
+        let jb1 = (jb0 + 1).min(b.blocks - 1);
+        let b0 = b.data.as_ptr().add(jb0 * b.chunks * TILE_ELEMS) as *const u8;
+        let b1 = b.data.as_ptr().add(jb1 * b.chunks * TILE_ELEMS) as *const u8;
+        let col0 = jb0 * BLOCK_N;
+        let (m, n) = match sink {
+            Sink::C(out) => (out.m, out.n),
+            Sink::Tiles { m, .. } => (*m, b.n),
+        };
+        for row0 in rows.step_by(PANEL_M) {
+            let a0 = a16.as_ptr().add(row0 * b.chunks * CHUNK_K) as *const u8;
+            let a1 = a0.add(tile_bytes);
+            // Whole 32 x 32 block inside a row-major C: tiles go straight to C.
+            let direct = match sink {
+                Sink::C(out) => {
+                    out.cs == 1 && row0 + PANEL_M <= out.m && col0 + 2 * BLOCK_N <= out.n
                 }
-                for ch in 0..b.chunks {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {s}*1]",
-                        "tileloadd tmm5, [{a1} + {s}*1]",
-                        "tileloadd tmm6, [{b0} + {s}*1]",
-                        "tileloadd tmm7, [{b1} + {s}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(ch * 2 * tile_bytes),
-                        a1 = in(reg) a1.add(ch * 2 * tile_bytes),
-                        b0 = in(reg) b0.add(ch * tile_bytes),
-                        b1 = in(reg) b1.add(ch * tile_bytes),
-                        s = in(reg) CHUNK_K * 2,
-                        options(nostack, readonly)
-                    );
-                }
-                if direct {
-                    asm!(
-                        "tilestored [{c} + {s}*1], tmm0",
-                        "tilestored [{c} + {s}*1 + 64], tmm1",
-                        "tilestored [{c2} + {s}*1], tmm2",
-                        "tilestored [{c2} + {s}*1 + 64], tmm3",
-                        c = in(reg) cblk, c2 = in(reg) cblk.add(16 * c_stride), s = in(reg) c_stride,
-                        options(nostack)
-                    );
-                    continue;
-                }
-                // Edge (or strided C): through a 32 x 32 buffer, valid elements only.
-                let t = tmp.as_mut_ptr() as *mut u8;
-                let ts = 2 * BLOCK_N * 4;
+                Sink::Tiles { .. } => false,
+            };
+            let (cblk, c_stride, accumulate) = match sink {
+                Sink::C(out) => (
+                    out.ptr.get().offset(row0 as isize * out.rs + col0 as isize) as *mut u8,
+                    out.rs as usize * 4,
+                    out.accumulate,
+                ),
+                Sink::Tiles { .. } => (std::ptr::null_mut(), 0, false),
+            };
+            if direct && accumulate {
+                asm!(
+                    "tileloadd tmm0, [{c} + {s}*1]",
+                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c2} + {s}*1 + 64]",
+                    c = in(reg) cblk, c2 = in(reg) cblk.add(16 * c_stride), s = in(reg) c_stride,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            for ch in 0..b.chunks {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}*1]",
+                    "tileloadd tmm5, [{a1} + {s}*1]",
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(ch * 2 * tile_bytes),
+                    a1 = in(reg) a1.add(ch * 2 * tile_bytes),
+                    b0 = in(reg) b0.add(ch * tile_bytes),
+                    b1 = in(reg) b1.add(ch * tile_bytes),
+                    s = in(reg) CHUNK_K * 2,
+                    options(nostack, readonly)
+                );
+            }
+            if direct {
                 asm!(
                     "tilestored [{c} + {s}*1], tmm0",
                     "tilestored [{c} + {s}*1 + 64], tmm1",
                     "tilestored [{c2} + {s}*1], tmm2",
                     "tilestored [{c2} + {s}*1 + 64], tmm3",
-                    c = in(reg) t, c2 = in(reg) t.add(16 * ts), s = in(reg) ts,
+                    c = in(reg) cblk, c2 = in(reg) cblk.add(16 * c_stride), s = in(reg) c_stride,
                     options(nostack)
                 );
-                let rows = PANEL_M.min(out.m.saturating_sub(row0));
-                let cols = (2 * BLOCK_N).min(out.n.saturating_sub(col0));
-                for i in 0..rows {
-                    for j in 0..cols {
-                        let dst = out
-                            .ptr
-                            .get()
-                            .offset((row0 + i) as isize * out.rs + (col0 + j) as isize * out.cs);
-                        let v = tmp[i * 2 * BLOCK_N + j];
-                        *dst = if out.accumulate { *dst + v } else { v };
+                continue;
+            }
+            // Edge, strided C or a consumer: through the 32 x 32 buffer.
+            let t = tmp.as_mut_ptr() as *mut u8;
+            let ts = 2 * BLOCK_N * 4;
+            asm!(
+                "tilestored [{c} + {s}*1], tmm0",
+                "tilestored [{c} + {s}*1 + 64], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c2} + {s}*1 + 64], tmm3",
+                c = in(reg) t, c2 = in(reg) t.add(16 * ts), s = in(reg) ts,
+                options(nostack)
+            );
+            let rows = PANEL_M.min(m.saturating_sub(row0));
+            let cols = (2 * BLOCK_N).min(n.saturating_sub(col0));
+            match sink {
+                Sink::C(out) => {
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let dst = out.ptr.get().offset(
+                                (row0 + i) as isize * out.rs + (col0 + j) as isize * out.cs,
+                            );
+                            let v = tmp[i * 2 * BLOCK_N + j];
+                            *dst = if out.accumulate { *dst + v } else { v };
+                        }
                     }
                 }
+                Sink::Tiles { f, .. } => f(&Tile {
+                    row0,
+                    col0,
+                    rows,
+                    cols,
+                    stride: 2 * BLOCK_N,
+                    data: &tmp[..],
+                }),
             }
         }
     }
@@ -439,8 +557,14 @@ mod tests {
         r.fill_normal(&mut c, 1.0);
         // B = W^T, as the LM's linear layers use it.
         let b = PackedBf16::pack(MatRef::row_major(&w, n, k).t());
-        for (j, row) in w.chunks(k).enumerate().take(3) {
-            assert_eq!(b.at(k - 1, j), bf16::from_f32(row[k - 1]).to_f32());
+        for (j, row) in w.chunks(k).enumerate() {
+            for (kk, &x) in row.iter().enumerate() {
+                assert_eq!(
+                    b.at(kk, j),
+                    bf16::from_f32(x).to_f32(),
+                    "packed ({kk}, {j})"
+                );
+            }
         }
         let want = reference(&a, m, k, &b, &c, acc);
         f(
@@ -514,6 +638,51 @@ mod tests {
     }
 
     #[test]
+    fn tiles_cover_the_product_once() {
+        for &(m, k, n) in &[(1, 3, 5), (33, 70, 49), (200, 96, 300)] {
+            let mut r = Rng::new((m + k + n) as u64);
+            let mut a = vec![0f32; m * k];
+            let mut w = vec![0f32; n * k];
+            r.fill_normal(&mut a, 1.0);
+            r.fill_normal(&mut w, 1.0);
+            let b = PackedBf16::pack(MatRef::row_major(&w, n, k).t());
+            let want = reference(&a, m, k, &b, &[], false);
+            // Each task copies its tiles into its own full-size matrix; every element must
+            // be written by exactly one tile of one task, inside that task's columns.
+            let states = gemm_tiles_bf16(
+                MatRef::row_major(&a, m, k),
+                &b,
+                &|rows, cols| (rows, cols, vec![f32::NAN; m * n]),
+                &|s: &mut (_, std::ops::Range<usize>, Vec<f32>), t: &crate::gemm::Tile| {
+                    for i in 0..t.rows {
+                        for (j, &v) in t.row(i).iter().enumerate() {
+                            let (r, c) = (t.row0 + i, t.col0 + j);
+                            assert!(s.1.contains(&c) && s.2[r * n + c].is_nan());
+                            s.2[r * n + c] = v;
+                        }
+                    }
+                },
+            );
+            let mut got = vec![f32::NAN; m * n];
+            for (_, _, part) in states {
+                for (g, p) in got.iter_mut().zip(part) {
+                    if !p.is_nan() {
+                        assert!(g.is_nan(), "element written twice");
+                        *g = p;
+                    }
+                }
+            }
+            for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                let tol = 1e-5 * (k as f64).sqrt() * (1.0 + w.abs());
+                assert!(
+                    (g as f64 - w).abs() <= tol,
+                    "{m}x{k}x{n}: {idx}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn strided_output_is_written_element_by_element() {
         let (m, k, n) = (40, 64, 40);
         let mut r = Rng::new(7);
@@ -522,6 +691,9 @@ mod tests {
         r.fill_normal(&mut a, 1.0);
         r.fill_normal(&mut w, 1.0);
         let b = PackedBf16::pack(MatRef::row_major(&w, k, n));
+        for (i, &x) in w.iter().enumerate() {
+            assert_eq!(b.at(i / n, i % n), bf16::from_f32(x).to_f32());
+        }
         let mut ct = vec![0f32; n * m];
         // C^T as a column-major view of an n x m buffer.
         let cv = MatMut {
