@@ -4,12 +4,13 @@
 //!
 //! Run: `cargo bench -p saelab-sae --bench train_step` (optional args: d_in values, and
 //! `standard` for a ReLU + L1 step instead: its codes are dense early in training, so
-//! it shows the dense-kernel path; `SAELAB_DENSE_FROM=2` forces the sparse kernels).
+//! it shows the dense-kernel path; `SAELAB_DENSE_FROM=2` forces the sparse kernels), and
+//! `bf16` for the TopK encoder's bf16 selection (`encoder_precision = "bf16"`).
 
 mod common;
 
 use saelab_core::gemm::{gemm, MatMut, MatRef};
-use saelab_sae::config::{Architecture, TrainConfig};
+use saelab_sae::config::{Architecture, EncoderPrecision, TrainConfig};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::trainer::{TrainHooks, TrainSae, W_ENC};
 use std::time::Instant;
@@ -18,6 +19,11 @@ fn main() {
     // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
     saelab_core::malloc::keep_freed_memory();
     let standard = std::env::args().any(|a| a == "standard");
+    let encoder_precision = if std::env::args().any(|a| a == "bf16") {
+        EncoderPrecision::Bf16
+    } else {
+        EncoderPrecision::F32
+    };
     let (f, k, b) = common::SHAPE;
     for d in common::dims() {
         let steps = if d >= 2000 { 4 } else { 8 };
@@ -39,6 +45,7 @@ fn main() {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(2048),
+            encoder_precision,
             ..Default::default()
         };
         let mut sae = TrainSae::new(&cfg, d, 1000).unwrap();

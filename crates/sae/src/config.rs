@@ -53,6 +53,15 @@ pub enum BDecInit {
 }
 
 /// JumpReLU sparsity penalty.
+/// Arithmetic of the TopK encoder's selection (see [`TrainConfig::encoder_precision`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum L0Penalty {
@@ -157,6 +166,12 @@ pub struct TrainConfig {
     /// each call packs the whole encoder, so fewer, larger blocks are faster; the block
     /// buffer is `rows x d_sae` f32). Default 2048.
     pub encoder_block_rows: usize,
+    /// Arithmetic of the TopK-family encoder's selection: `f32` (default), or `bf16`:
+    /// the latents are chosen from bf16 products with f32 sums (AMX tiles where the CPU
+    /// has them, ~2x the f32 GEMM there) and the chosen values are then recomputed in
+    /// f32, so codes, loss and gradients stay f32; only near-ties at the k-th value can
+    /// select differently.
+    pub encoder_precision: EncoderPrecision,
     /// Written into the saved SAE's cfg.json `metadata`.
     pub metadata: SaeMetadata,
     /// Feature-separation monitoring (decoder |cos| statistics on a 1024-row sample and
@@ -210,6 +225,7 @@ impl Default for TrainConfig {
             hist_every: 1000,
             checkpoint_every: 1000,
             encoder_block_rows: 2048,
+            encoder_precision: EncoderPrecision::F32,
             metadata: SaeMetadata::default(),
             separation_every: 500,
             method: crate::methods::MethodConfig::None,
@@ -378,6 +394,12 @@ impl TrainConfig {
         }
         if self.encoder_block_rows == 0 {
             bail!("encoder_block_rows must be >= 1");
+        }
+        if self.encoder_precision == EncoderPrecision::Bf16 && !self.architecture.is_topk_family() {
+            bail!(
+                "encoder_precision = \"bf16\" applies to the TopK family's selection; {:?} computes dense pre-activations in f32 (use \"f32\")",
+                self.architecture
+            );
         }
         Ok(())
     }

@@ -20,7 +20,9 @@
 //!
 //! Each kernel has a dense or scalar reference in the tests.
 
+use crate::config::EncoderPrecision;
 use rayon::prelude::*;
+use saelab_core::gemm::amx::{gemm_tiles_bf16, PackedBf16};
 use saelab_core::gemm::{gemm, gemm_tiles, MatMut, MatRef, SyncPtr, Tile};
 use std::cmp::Ordering;
 
@@ -319,6 +321,7 @@ pub fn encoder_topk(
     floor: f32,
     aux_cols: &[u32],
     k_aux: usize,
+    precision: EncoderPrecision,
 ) -> Vec<RowTopk> {
     struct TaskSel {
         row0: usize,
@@ -327,32 +330,33 @@ pub fn encoder_topk(
     }
     let k_aux = if aux_cols.is_empty() { 0 } else { k_aux };
     assert_eq!(bias.len(), w.cols, "encoder_topk: bias length != latents");
-    let states = gemm_tiles(
-        MatRef::row_major(x_c, rows, w.rows),
-        w,
-        &|r: std::ops::Range<usize>, _cols| TaskSel {
-            row0: r.start,
-            main: vec![TopkStream::new(floor); r.len()],
-            aux: vec![TopkStream::new(f32::NEG_INFINITY); if k_aux > 0 { r.len() } else { 0 }],
-        },
-        &|s: &mut TaskSel, t: &Tile| {
-            let b = &bias[t.col0..t.col0 + t.cols];
-            let dead = if k_aux > 0 {
-                let lo = aux_cols.partition_point(|&c| (c as usize) < t.col0);
-                let hi = aux_cols.partition_point(|&c| (c as usize) < t.col0 + t.cols);
-                &aux_cols[lo..hi]
-            } else {
-                &[]
-            };
-            for i in 0..t.rows {
-                let r = t.row0 + i - s.row0;
-                s.main[r].feed(t.row(i), Some(b), t.col0, k);
-                if !dead.is_empty() {
-                    s.aux[r].feed_subset(t.row(i), Some(b), t.col0, dead, k_aux);
-                }
+    let init = |r: std::ops::Range<usize>, _cols| TaskSel {
+        row0: r.start,
+        main: vec![TopkStream::new(floor); r.len()],
+        aux: vec![TopkStream::new(f32::NEG_INFINITY); if k_aux > 0 { r.len() } else { 0 }],
+    };
+    let tile = |s: &mut TaskSel, t: &Tile| {
+        let b = &bias[t.col0..t.col0 + t.cols];
+        let dead = if k_aux > 0 {
+            let lo = aux_cols.partition_point(|&c| (c as usize) < t.col0);
+            let hi = aux_cols.partition_point(|&c| (c as usize) < t.col0 + t.cols);
+            &aux_cols[lo..hi]
+        } else {
+            &[]
+        };
+        for i in 0..t.rows {
+            let r = t.row0 + i - s.row0;
+            s.main[r].feed(t.row(i), Some(b), t.col0, k);
+            if !dead.is_empty() {
+                s.aux[r].feed_subset(t.row(i), Some(b), t.col0, dead, k_aux);
             }
-        },
-    );
+        }
+    };
+    let a = MatRef::row_major(x_c, rows, w.rows);
+    let states = match precision {
+        EncoderPrecision::F32 => gemm_tiles(a, w, &init, &tile),
+        EncoderPrecision::Bf16 => gemm_tiles_bf16(a, &PackedBf16::pack(w), &init, &tile),
+    };
     let mut out = vec![RowTopk::default(); rows];
     for s in states {
         for (i, m) in s.main.into_iter().enumerate() {
@@ -362,11 +366,33 @@ pub fn encoder_topk(
             out[s.row0 + i].aux.extend(a.buf);
         }
     }
-    out.par_iter_mut().with_min_len(ROW_TASK).for_each(|o| {
-        keep_topk(&mut o.main, k);
-        keep_topk(&mut o.aux, k_aux);
-    });
+    let d = w.rows;
+    out.par_iter_mut()
+        .enumerate()
+        .with_min_len(ROW_TASK)
+        .for_each(|(r, o)| {
+            keep_topk(&mut o.main, k);
+            keep_topk(&mut o.aux, k_aux);
+            if precision == EncoderPrecision::Bf16 {
+                // Chosen from bf16 products; the values used from here on are f32.
+                let x = &x_c[r * d..(r + 1) * d];
+                for e in o.main.iter_mut().chain(o.aux.iter_mut()) {
+                    e.0 = column_dot(x, w, e.1 as usize) + bias[e.1 as usize];
+                }
+                o.main.retain(|e| e.0 > floor);
+            }
+        });
     out
+}
+
+/// `x . w[:, col]` for a `[d, f]` view (contiguous when `w` is a transposed latent-major
+/// encoder).
+fn column_dot(x: &[f32], w: MatRef, col: usize) -> f32 {
+    if w.rs == 1 {
+        dot(x, &w.data[(col as isize * w.cs) as usize..][..x.len()])
+    } else {
+        x.iter().enumerate().map(|(kk, &v)| v * w.at(kk, col)).sum()
+    }
 }
 
 /// Pre-activations of one row computed on its own (`x_c_row . W^T + bias`).
@@ -1170,7 +1196,17 @@ mod tests {
             .collect();
         let aux_cols: Vec<u32> = (0..f as u32).filter(|l| l % 13 == 5).collect();
         let wt = MatRef::row_major(&w, f, d).t();
-        let got = encoder_topk(&x, rows, wt, &bias, k, 0.0, &aux_cols, k_aux);
+        let got = encoder_topk(
+            &x,
+            rows,
+            wt,
+            &bias,
+            k,
+            0.0,
+            &aux_cols,
+            k_aux,
+            EncoderPrecision::F32,
+        );
         let mut pre = vec![0f32; rows * f];
         gemm(
             1.0,
@@ -1200,6 +1236,74 @@ mod tests {
             short_rows > 0,
             "no row with fewer than k positive values was tested"
         );
+    }
+
+    /// bf16 selection: the latents of the top-k of the bf16-rounded products (reference in
+    /// f64), with values recomputed in f32.
+    #[test]
+    fn encoder_topk_bf16_selects_from_rounded_products_with_f32_values() {
+        let mut r = Rng::new(13);
+        let (rows, f, d, k, k_aux) = (70, 2100, 40, 40, 20);
+        let x = randn(&mut r, rows * d);
+        let w = randn(&mut r, f * d);
+        let bias: Vec<f32> = (0..f)
+            .map(|l| if l % 7 == 0 { -2.0 } else { -0.5 })
+            .collect();
+        let aux_cols: Vec<u32> = (0..f as u32).filter(|l| l % 11 == 3).collect();
+        let wt = MatRef::row_major(&w, f, d).t();
+        let got = encoder_topk(
+            &x,
+            rows,
+            wt,
+            &bias,
+            k,
+            0.0,
+            &aux_cols,
+            k_aux,
+            EncoderPrecision::Bf16,
+        );
+        let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+        for i in 0..rows {
+            let xi = &x[i * d..(i + 1) * d];
+            let exact: Vec<f32> = (0..f)
+                .map(|l| dot(xi, &w[l * d..(l + 1) * d]) + bias[l])
+                .collect();
+            let rounded: Vec<f64> = (0..f)
+                .map(|l| {
+                    let s: f64 = (0..d).map(|j| round(xi[j]) * round(w[l * d + j])).sum();
+                    s + bias[l] as f64
+                })
+                .collect();
+            let top = |cols: &mut dyn Iterator<Item = usize>, n: usize, floor: f64| {
+                let mut v: Vec<(f64, usize)> = cols
+                    .map(|l| (rounded[l], l))
+                    .filter(|e| e.0 > floor)
+                    .collect();
+                v.sort_by(|a, b| b.0.total_cmp(&a.0));
+                v.truncate(n);
+                let mut ls: Vec<u32> = v.into_iter().map(|e| e.1 as u32).collect();
+                ls.sort();
+                ls
+            };
+            let want_main = top(&mut (0..f), k, 0.0);
+            let want_aux = top(&mut aux_cols.iter().map(|&l| l as usize), k_aux, f64::MIN);
+            let main: Vec<u32> = got[i].main.iter().map(|e| e.1).collect();
+            let aux: Vec<u32> = got[i].aux.iter().map(|e| e.1).collect();
+            // An entry whose f32 value is not above the floor is dropped after recompute.
+            let kept: Vec<u32> = want_main
+                .iter()
+                .copied()
+                .filter(|&l| exact[l as usize] > 0.0)
+                .collect();
+            assert_eq!(main, kept, "row {i}");
+            assert_eq!(aux, want_aux, "aux row {i}");
+            for &(v, l) in got[i].main.iter().chain(&got[i].aux) {
+                assert!(
+                    (v - exact[l as usize]).abs() <= 1e-5 * (1.0 + v.abs()),
+                    "row {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -431,6 +431,7 @@ impl TrainSae {
                 0.0,
                 &dead,
                 k_aux,
+                cfg.encoder_precision,
             )
             .into_iter()
             .map(|t| RowSel {
