@@ -23,6 +23,8 @@ Peers (PyTorch, CPU, f32, `torch.set_num_threads(--threads)`):
                  rows; its own printed tokens/s (training loop incl. its batch reads from the
                  memory-mapped store, excl. start-up and the final save) is reported, plus the
                  subprocess wall time and CPU time.
+  saelab_bf16    the same with `encoder_precision="bf16"`: TopK latents selected from bf16
+                 products (AMX tiles where the CPU has them), chosen values recomputed in f32.
 
 Common settings: the same training rows, the same number of tokens (steps x batch), Adam
 (0.9, 0.999), LR = 2e-4 / sqrt(F / 2^14) for TopK (1e-3 for standard), linear warm-up of
@@ -64,7 +66,7 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TOPK_PEERS = ("dl_topk", "sparsify", "sparsify_bf16", "saelab")
+TOPK_PEERS = ("dl_topk", "sparsify", "sparsify_bf16", "saelab", "saelab_bf16")
 STANDARD_PEERS = ("dl_standard", "saelab_standard")
 ALL_PEERS = TOPK_PEERS + STANDARD_PEERS
 
@@ -530,7 +532,7 @@ def train_sparsify(x_train, a, steps, bf16):
     return timing, params
 
 
-def run_saelab(train_store, out_dir, a, steps, standard):
+def run_saelab(train_store, out_dir, a, steps, standard, bf16=False):
     sets = [
         f"d_sae={a.d_sae}",
         f"total_tokens={steps * a.batch}",
@@ -552,6 +554,10 @@ def run_saelab(train_store, out_dir, a, steps, standard):
         ]
     else:
         sets += ['architecture="topk"', f"k={a.k}", f"lr={topk_lr(a.d_sae)}"]
+        if bf16:
+            # Latents selected from bf16 products (AMX tiles where the CPU has them), the
+            # chosen values recomputed in f32.
+            sets += ['encoder_precision="bf16"']
     cmd = [a.saelab, "train", "--store", train_store, "--out", out_dir, "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
@@ -714,7 +720,8 @@ def main():
         elif p in ("sparsify", "sparsify_bf16"):
             timing, params = train_sparsify(x_train, a, steps, bf16=p.endswith("bf16"))
         else:
-            timing, params = run_saelab(train_store, os.path.join(a.work, p), a, steps, standard=(p == "saelab_standard"))
+            timing, params = run_saelab(train_store, os.path.join(a.work, p), a, steps,
+                                        standard=(p == "saelab_standard"), bf16=(p == "saelab_bf16"))
         quality = evaluate(params, x_eval) if x_eval is not None and not a.no_eval else None
         res["runs"][p] = dict(timing=timing, quality=quality)
         print(json.dumps(res["runs"][p]), flush=True)
@@ -722,10 +729,10 @@ def main():
         write_outputs(res, a)  # after every run, so an interrupted benchmark keeps its results
 
     ratios = {}
-    for group, ours in ((TOPK_PEERS, "saelab"), (STANDARD_PEERS, "saelab_standard")):
+    for group, ours in ((TOPK_PEERS, "saelab"), (TOPK_PEERS, "saelab_bf16"), (STANDARD_PEERS, "saelab_standard")):
         if ours not in res["runs"]:
             continue
-        others = [n for n in group if n != ours and n in res["runs"]]
+        others = [n for n in group if not n.startswith("saelab") and n in res["runs"]]
         if not others:
             continue
         best = max(others, key=lambda n: res["runs"][n]["timing"]["tokens_per_s_loop"])
