@@ -1181,6 +1181,23 @@ mod tests {
     /// The tiled TopK encoder (threaded: several GEMM tasks merged) selects exactly what
     /// a full pre-activation matrix would give, AuxK included, also for rows with fewer
     /// than k positive values.
+    /// An encoder_topk case: random `[f, d]` weights, bias `low.1` on every `low.0`-th
+    /// latent and -0.5 elsewhere, AuxK columns `l % aux.0 == aux.1`.
+    fn topk_case(
+        r: &mut Rng,
+        f: usize,
+        d: usize,
+        low: (usize, f32),
+        aux: (u32, u32),
+    ) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let w = randn(r, f * d);
+        let bias = (0..f)
+            .map(|l| if l % low.0 == 0 { low.1 } else { -0.5 })
+            .collect();
+        let aux_cols = (0..f as u32).filter(|l| l % aux.0 == aux.1).collect();
+        (w, bias, aux_cols)
+    }
+
     #[test]
     fn encoder_topk_matches_full_rows() {
         let mut r = Rng::new(12);
@@ -1190,11 +1207,7 @@ mod tests {
         for i in (0..rows).step_by(9) {
             x[i * d..(i + 1) * d].iter_mut().for_each(|v| *v *= 0.05);
         }
-        let w = randn(&mut r, f * d);
-        let bias: Vec<f32> = (0..f)
-            .map(|l| if l % 9 == 0 { -3.0 } else { -0.5 })
-            .collect();
-        let aux_cols: Vec<u32> = (0..f as u32).filter(|l| l % 13 == 5).collect();
+        let (w, bias, aux_cols) = topk_case(&mut r, f, d, (9, -3.0), (13, 5));
         let wt = MatRef::row_major(&w, f, d).t();
         let got = encoder_topk(
             &x,
@@ -1245,11 +1258,7 @@ mod tests {
         let mut r = Rng::new(13);
         let (rows, f, d, k, k_aux) = (70, 2100, 40, 40, 20);
         let x = randn(&mut r, rows * d);
-        let w = randn(&mut r, f * d);
-        let bias: Vec<f32> = (0..f)
-            .map(|l| if l % 7 == 0 { -2.0 } else { -0.5 })
-            .collect();
-        let aux_cols: Vec<u32> = (0..f as u32).filter(|l| l % 11 == 3).collect();
+        let (w, bias, aux_cols) = topk_case(&mut r, f, d, (7, -2.0), (11, 3));
         let wt = MatRef::row_major(&w, f, d).t();
         let got = encoder_topk(
             &x,

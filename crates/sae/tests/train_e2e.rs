@@ -5,7 +5,7 @@ use saelab_core::source::{ActivationSource, MatrixSource};
 use saelab_sae::config::{Architecture, EncoderPrecision, Normalization, TrainConfig};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::train::{train, TrainOptions};
-use saelab_sae::trainer::{TrainHooks, TrainSae};
+use saelab_sae::trainer::{StepMetrics, TrainHooks, TrainSae};
 use saelab_sae::Sae;
 use std::path::PathBuf;
 
@@ -118,6 +118,23 @@ fn topk_trains_on_a_matrix_source_and_saves_a_loadable_sae() {
 }
 
 /// Every architecture's loss decreases when stepping on one fixed batch.
+/// `steps` steps on the same batch; the SAE and the first and last step's metrics.
+fn train_on_one_batch(
+    cfg: &TrainConfig,
+    data: &[f32],
+    d: usize,
+    steps: usize,
+) -> (TrainSae, StepMetrics, StepMetrics) {
+    let mut sae = TrainSae::new(cfg, d, steps).unwrap();
+    let mut hooks = TrainHooks::default();
+    let first = sae.train_step(data, &mut hooks).unwrap();
+    let mut last = first.clone();
+    for _ in 1..steps {
+        last = sae.train_step(data, &mut hooks).unwrap();
+    }
+    (sae, first, last)
+}
+
 #[test]
 fn every_architecture_learns_a_fixed_batch() {
     let d = 24;
@@ -150,13 +167,7 @@ fn every_architecture_learns_a_fixed_batch() {
             batch_size: 128,
             ..small(arch)
         };
-        let mut sae = TrainSae::new(&cfg, d, 60).unwrap();
-        let mut hooks = TrainHooks::default();
-        let first = sae.train_step(&data, &mut hooks).unwrap();
-        let mut last = first.clone();
-        for _ in 0..59 {
-            last = sae.train_step(&data, &mut hooks).unwrap();
-        }
+        let (sae, first, last) = train_on_one_batch(&cfg, &data, d, 60);
         assert!(
             last.mse < 0.7 * first.mse,
             "{arch:?}: mse {} -> {}",
@@ -212,13 +223,7 @@ fn bf16_selection_trains_like_f32() {
                 encoder_precision: precision,
                 ..small(arch)
             };
-            let mut sae = TrainSae::new(&cfg, d, 60).unwrap();
-            let mut hooks = TrainHooks::default();
-            let first = sae.train_step(&data, &mut hooks).unwrap();
-            let mut last = first.clone();
-            for _ in 0..59 {
-                last = sae.train_step(&data, &mut hooks).unwrap();
-            }
+            let (_, first, last) = train_on_one_batch(&cfg, &data, d, 60);
             assert!(
                 last.mse < 0.5 * first.mse,
                 "{arch:?} {precision:?}: mse {} -> {}",
