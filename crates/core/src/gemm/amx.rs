@@ -6,8 +6,8 @@
 //! This is the arithmetic PyTorch uses for bf16 on such CPUs, so an LM forward in this
 //! mode is the CPU counterpart of running the model in bf16 on a GPU.
 //!
-//! The numbers: A is rounded to bf16 (nearest even) as it is copied into a row-major
-//! scratch buffer; B was rounded when packed; products of two bf16 are exact in f32 and
+//! The numbers: A is rounded to bf16 (nearest even) as it is copied into tile order
+//! (whole 1 KiB tiles of 16 rows x 32 k, zero-padded); B was rounded when packed; products of two bf16 are exact in f32 and
 //! are summed in f32. Where the CPU has no AMX (or the OS refuses the tile state),
 //! [`gemm_bf16_products`] computes the same rounded products with the f32 GEMM, so the mode
 //! gives the same values (up to f32 summation order) on every machine and its tests run
@@ -144,7 +144,7 @@ pub fn gemm_bf16_products(a: MatRef, b: &PackedBf16, accumulate: bool, c: MatMut
     }
     let injective = super::c_is_injective(&c);
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if injective && available() {
+    if injective && b.k > 0 && available() {
         tiles::gemm(a, b, accumulate, c);
         return;
     }
@@ -559,7 +559,7 @@ mod tests {
         r.fill_normal(&mut c, 1.0);
         // B = W^T, as the LM's linear layers use it.
         let b = PackedBf16::pack(MatRef::row_major(&w, n, k).t());
-        for (j, row) in w.chunks(k).enumerate() {
+        for (j, row) in w.chunks(k.max(1)).enumerate() {
             for (kk, &x) in row.iter().enumerate() {
                 assert_eq!(
                     b.at(kk, j),
@@ -585,8 +585,9 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 6] = [
+    const SHAPES: [(usize, usize, usize); 7] = [
         (1, 1, 1),
+        (3, 0, 4),
         (5, 7, 3),
         (32, 64, 32),
         (33, 70, 49),
