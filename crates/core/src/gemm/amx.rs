@@ -61,7 +61,7 @@ impl PackedBf16 {
         let chunks = k.div_ceil(CHUNK_K);
         let blocks = n.div_ceil(BLOCK_N);
         let mut data = vec![0u16; blocks * chunks * TILE_ELEMS];
-        data.par_chunks_mut(chunks * TILE_ELEMS)
+        data.par_chunks_mut((chunks * TILE_ELEMS).max(1))
             .enumerate()
             .for_each(|(jb, block)| {
                 if b.rs == 1 && k > 0 {
