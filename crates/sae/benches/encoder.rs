@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use saelab_core::gemm::{gemm, MatMut, MatRef};
 use saelab_core::rng::Rng;
 use saelab_sae::kernels::{encoder_topk, topk_select};
-use saelab_sae::EncoderPrecision;
+use saelab_sae::MatmulPrecision;
 use std::time::Instant;
 
 fn main() {
@@ -45,7 +45,7 @@ fn main() {
                 })
                 .collect()
         };
-        let fused_with = |precision: EncoderPrecision| -> Vec<Vec<(f32, u32)>> {
+        let fused_with = |precision: MatmulPrecision| -> Vec<Vec<(f32, u32)>> {
             encoder_topk(
                 &x,
                 b,
@@ -61,8 +61,8 @@ fn main() {
             .map(|r| r.main)
             .collect()
         };
-        let fused = || fused_with(EncoderPrecision::F32);
-        let bf16 = || fused_with(EncoderPrecision::Bf16);
+        let fused = || fused_with(MatmulPrecision::F32);
+        let bf16 = || fused_with(MatmulPrecision::Bf16);
         assert!(
             unfused(&mut pre) == fused(),
             "the two paths selected differently"

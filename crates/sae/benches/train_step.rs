@@ -5,12 +5,13 @@
 //! Run: `cargo bench -p saelab-sae --bench train_step` (optional args: d_in values, and
 //! `standard` for a ReLU + L1 step instead: its codes are dense early in training, so
 //! it shows the dense-kernel path; `SAELAB_DENSE_FROM=2` forces the sparse kernels), and
-//! `bf16` for the TopK encoder's bf16 selection (`encoder_precision = "bf16"`).
+//! `bf16` for bf16 products (`encoder_precision = "bf16"` for TopK, `dense_precision =
+//! "bf16"` with `standard`).
 
 mod common;
 
 use saelab_core::gemm::{gemm, MatMut, MatRef};
-use saelab_sae::config::{Architecture, EncoderPrecision, TrainConfig};
+use saelab_sae::config::{Architecture, MatmulPrecision, TrainConfig};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::trainer::{TrainHooks, TrainSae, W_ENC};
 use std::time::Instant;
@@ -19,10 +20,10 @@ fn main() {
     // As `saelab` runs (see saelab_core::malloc); SAELAB_SYSTEM_MALLOC=1 for glibc's default.
     saelab_core::malloc::keep_freed_memory();
     let standard = std::env::args().any(|a| a == "standard");
-    let encoder_precision = if std::env::args().any(|a| a == "bf16") {
-        EncoderPrecision::Bf16
+    let precision = if std::env::args().any(|a| a == "bf16") {
+        MatmulPrecision::Bf16
     } else {
-        EncoderPrecision::F32
+        MatmulPrecision::F32
     };
     let (f, k, b) = common::SHAPE;
     for d in common::dims() {
@@ -45,7 +46,17 @@ fn main() {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(2048),
-            encoder_precision,
+            // `bf16`: the TopK selection, or a standard SAE's dense GEMMs.
+            encoder_precision: if standard {
+                MatmulPrecision::F32
+            } else {
+                precision
+            },
+            dense_precision: if standard {
+                precision
+            } else {
+                MatmulPrecision::F32
+            },
             ..Default::default()
         };
         let mut sae = TrainSae::new(&cfg, d, 1000).unwrap();

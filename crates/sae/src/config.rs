@@ -53,10 +53,11 @@ pub enum BDecInit {
 }
 
 /// JumpReLU sparsity penalty.
-/// Arithmetic of the TopK encoder's selection (see [`TrainConfig::encoder_precision`]).
+/// f32 or bf16 products (see [`TrainConfig::encoder_precision`] and
+/// [`TrainConfig::dense_precision`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EncoderPrecision {
+pub enum MatmulPrecision {
     #[default]
     F32,
     Bf16,
@@ -171,7 +172,12 @@ pub struct TrainConfig {
     /// has them, ~2x the f32 GEMM there) and the chosen values are then recomputed in
     /// f32, so codes, loss and gradients stay f32; only near-ties at the k-th value can
     /// select differently.
-    pub encoder_precision: EncoderPrecision,
+    pub encoder_precision: MatmulPrecision,
+    /// Arithmetic of the dense GEMMs (the ReLU-type encoders' pre-activations, and the
+    /// decoder and its gradients when the codes are dense, as a ReLU + L1 SAE's are early
+    /// in training): `f32` (default) or `bf16`: bf16 products with f32 sums (AMX tiles
+    /// where the CPU has them), used as computed, like PyTorch's bf16 autocast.
+    pub dense_precision: MatmulPrecision,
     /// Written into the saved SAE's cfg.json `metadata`.
     pub metadata: SaeMetadata,
     /// Feature-separation monitoring (decoder |cos| statistics on a 1024-row sample and
@@ -225,7 +231,8 @@ impl Default for TrainConfig {
             hist_every: 1000,
             checkpoint_every: 1000,
             encoder_block_rows: 2048,
-            encoder_precision: EncoderPrecision::F32,
+            encoder_precision: MatmulPrecision::F32,
+            dense_precision: MatmulPrecision::F32,
             metadata: SaeMetadata::default(),
             separation_every: 500,
             method: crate::methods::MethodConfig::None,
@@ -395,7 +402,7 @@ impl TrainConfig {
         if self.encoder_block_rows == 0 {
             bail!("encoder_block_rows must be >= 1");
         }
-        if self.encoder_precision == EncoderPrecision::Bf16 && !self.architecture.is_topk_family() {
+        if self.encoder_precision == MatmulPrecision::Bf16 && !self.architecture.is_topk_family() {
             bail!(
                 "encoder_precision = \"bf16\" applies to the TopK family's selection; {:?} computes dense pre-activations in f32 (use \"f32\")",
                 self.architecture

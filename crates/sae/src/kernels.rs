@@ -20,9 +20,9 @@
 //!
 //! Each kernel has a dense or scalar reference in the tests.
 
-use crate::config::EncoderPrecision;
+use crate::config::MatmulPrecision;
 use rayon::prelude::*;
-use saelab_core::gemm::amx::{gemm_tiles_bf16, PackedBf16};
+use saelab_core::gemm::amx::{gemm_bf16_products, gemm_tiles_bf16, PackedBf16};
 use saelab_core::gemm::{gemm, gemm_tiles, MatMut, MatRef, SyncPtr, Tile};
 use std::cmp::Ordering;
 
@@ -263,6 +263,18 @@ pub fn keep_topk(buf: &mut Vec<(f32, u32)>, k: usize) {
     buf.sort_unstable_by_key(|e| e.1);
 }
 
+/// `C = A B + beta C` (`beta` 0 or 1) in f32, or as bf16 products with f32 sums
+/// (`saelab_core::gemm::amx`; B is packed on every call, as it changes every step).
+pub fn matmul(precision: MatmulPrecision, a: MatRef, b: MatRef, beta: f32, c: MatMut) {
+    match precision {
+        MatmulPrecision::F32 => gemm(1.0, a, b, beta, c),
+        MatmulPrecision::Bf16 => {
+            debug_assert!(beta == 0.0 || beta == 1.0);
+            gemm_bf16_products(a, &PackedBf16::pack(b), beta != 0.0, c)
+        }
+    }
+}
+
 /// Compute the encoder matmul `x_c [rows, d] . W^T` (W latent-major `[f, d]`) in row blocks
 /// of `block_rows`, calling `per_block(first_row, block)` on each `[nb, f]` block
 /// (bias not added). The GEMM itself is multithreaded.
@@ -274,6 +286,7 @@ pub fn encoder_blocks(
     f: usize,
     block_rows: usize,
     pre_buf: &mut Vec<f32>,
+    precision: MatmulPrecision,
     mut per_block: impl FnMut(usize, &mut [f32]),
 ) {
     let br = block_rows.max(1).min(rows.max(1));
@@ -281,17 +294,18 @@ pub fn encoder_blocks(
         pre_buf.resize(br * f, 0.0);
     }
     let wt = MatRef::row_major(w_lat, f, d).t();
+    // Packed once for all row blocks.
+    let packed = (precision == MatmulPrecision::Bf16).then(|| PackedBf16::pack(wt));
     let mut r0 = 0;
     while r0 < rows {
         let nb = br.min(rows - r0);
         let blk = &mut pre_buf[..nb * f];
-        gemm(
-            1.0,
-            MatRef::row_major(&x_c[r0 * d..(r0 + nb) * d], nb, d),
-            wt,
-            0.0,
-            MatMut::row_major(blk, nb, f),
-        );
+        let a = MatRef::row_major(&x_c[r0 * d..(r0 + nb) * d], nb, d);
+        let c = MatMut::row_major(blk, nb, f);
+        match &packed {
+            Some(p) => gemm_bf16_products(a, p, false, c),
+            None => gemm(1.0, a, wt, 0.0, c),
+        }
         per_block(r0, blk);
         r0 += nb;
     }
@@ -321,7 +335,7 @@ pub fn encoder_topk(
     floor: f32,
     aux_cols: &[u32],
     k_aux: usize,
-    precision: EncoderPrecision,
+    precision: MatmulPrecision,
 ) -> Vec<RowTopk> {
     struct TaskSel {
         row0: usize,
@@ -354,8 +368,8 @@ pub fn encoder_topk(
     };
     let a = MatRef::row_major(x_c, rows, w.rows);
     let states = match precision {
-        EncoderPrecision::F32 => gemm_tiles(a, w, &init, &tile),
-        EncoderPrecision::Bf16 => gemm_tiles_bf16(a, &PackedBf16::pack(w), &init, &tile),
+        MatmulPrecision::F32 => gemm_tiles(a, w, &init, &tile),
+        MatmulPrecision::Bf16 => gemm_tiles_bf16(a, &PackedBf16::pack(w), &init, &tile),
     };
     let mut out = vec![RowTopk::default(); rows];
     for s in states {
@@ -373,7 +387,7 @@ pub fn encoder_topk(
         .for_each(|(r, o)| {
             keep_topk(&mut o.main, k);
             keep_topk(&mut o.aux, k_aux);
-            if precision == EncoderPrecision::Bf16 {
+            if precision == MatmulPrecision::Bf16 {
                 // Chosen from bf16 products; the values used from here on are f32.
                 let x = &x_c[r * d..(r + 1) * d];
                 for e in o.main.iter_mut().chain(o.aux.iter_mut()) {
@@ -531,10 +545,11 @@ pub fn decode_dense(
     d: usize,
     bias: &[f32],
     out: &mut [f32],
+    precision: MatmulPrecision,
 ) {
     out.par_chunks_mut(d).for_each(|o| o.copy_from_slice(bias));
-    gemm(
-        1.0,
+    matmul(
+        precision,
         MatRef::row_major(codes, rows, f),
         MatRef::row_major(w, f, d),
         1.0,
@@ -556,10 +571,11 @@ pub fn decoder_backward_dense(
     dy: &[f32],
     grad_w: &mut [f32],
     grad_val: &mut [f32],
+    precision: MatmulPrecision,
 ) {
     let mut g = vec![0f32; rows * f];
-    gemm(
-        1.0,
+    matmul(
+        precision,
         MatRef::row_major(dy, rows, d),
         MatRef::row_major(w, f, d).t(),
         0.0,
@@ -568,8 +584,8 @@ pub fn decoder_backward_dense(
     for ((gv, &r), &l) in grad_val.iter_mut().zip(rows_of).zip(lat) {
         *gv += g[r as usize * f + l as usize];
     }
-    gemm(
-        1.0,
+    matmul(
+        precision,
         MatRef::row_major(codes, rows, f).t(),
         MatRef::row_major(dy, rows, d),
         1.0,
@@ -590,10 +606,11 @@ pub fn accum_rows_dense(
     f: usize,
     d: usize,
     grad: &mut [f32],
+    precision: MatmulPrecision,
 ) -> Vec<f32> {
     let c = densify(rows_of, lat, coef, rows, f);
-    gemm(
-        1.0,
+    matmul(
+        precision,
         MatRef::row_major(&c, rows, f).t(),
         MatRef::row_major(src, rows, d),
         1.0,
@@ -1156,10 +1173,22 @@ mod tests {
         let fd = densify(&er, &codes.idx, &codes.val, rows, f);
         assert_eq!(fd, dense);
         let mut out_d = vec![0f32; rows * d];
-        decode_dense(&fd, rows, f, &w, d, &bias, &mut out_d);
+        decode_dense(&fd, rows, f, &w, d, &bias, &mut out_d, MatmulPrecision::F32);
         close(&out_d, &out, "dense decode");
         let (mut g3, mut gv3) = (vec![0f32; f * d], vec![0f32; codes.nnz()]);
-        decoder_backward_dense(&fd, rows, f, &er, &codes.idx, &w, d, &dy, &mut g3, &mut gv3);
+        decoder_backward_dense(
+            &fd,
+            rows,
+            f,
+            &er,
+            &codes.idx,
+            &w,
+            d,
+            &dy,
+            &mut g3,
+            &mut gv3,
+            MatmulPrecision::F32,
+        );
         close(&g3, &g, "dense backward, weight part");
         close(&gv3, &gv, "dense backward, value part");
         let mut rows_rep = er.clone();
@@ -1172,7 +1201,17 @@ mod tests {
         let mut g4 = vec![0f32; f * d];
         let s4 = accum_rows(&csc_rep, &coef_rep, &dy, d, &|_| 0, d, &mut g4);
         let mut g5 = vec![0f32; f * d];
-        let s5 = accum_rows_dense(&rows_rep, &lat_rep, &coef_rep, &dy, rows, f, d, &mut g5);
+        let s5 = accum_rows_dense(
+            &rows_rep,
+            &lat_rep,
+            &coef_rep,
+            &dy,
+            rows,
+            f,
+            d,
+            &mut g5,
+            MatmulPrecision::F32,
+        );
         close(&g5, &g4, "dense accum_rows");
         close(&s5, &s4, "dense accum_rows sums");
         assert!(!dense_pays(rows * f / 20, rows, f));
@@ -1218,7 +1257,7 @@ mod tests {
             0.0,
             &aux_cols,
             k_aux,
-            EncoderPrecision::F32,
+            MatmulPrecision::F32,
         );
         let mut pre = vec![0f32; rows * f];
         gemm(
@@ -1269,7 +1308,7 @@ mod tests {
             0.0,
             &aux_cols,
             k_aux,
-            EncoderPrecision::Bf16,
+            MatmulPrecision::Bf16,
         );
         let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
         for i in 0..rows {
@@ -1322,21 +1361,36 @@ mod tests {
         let x = randn(&mut r, rows * d);
         let w = randn(&mut r, f * d);
         let mut buf = Vec::new();
-        let mut got = vec![0f32; rows * f];
-        encoder_blocks(&x, rows, d, &w, f, 8, &mut buf, |r0, blk| {
-            got[r0 * f..r0 * f + blk.len()].copy_from_slice(blk);
-        });
-        let zero = vec![0f32; f];
-        let mut one = vec![0f32; f];
-        for i in 0..rows {
-            pre_row(&x[i * d..(i + 1) * d], &w, &zero, &mut one);
-            for l in 0..f {
-                let s: f64 = (0..d)
-                    .map(|j| x[i * d + j] as f64 * w[l * d + j] as f64)
-                    .sum();
-                assert!((s - got[i * f + l] as f64).abs() < 1e-4);
-                assert!((s - one[l] as f64).abs() < 1e-4);
+        for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+            let mut got = vec![0f32; rows * f];
+            encoder_blocks(&x, rows, d, &w, f, 8, &mut buf, precision, |r0, blk| {
+                got[r0 * f..r0 * f + blk.len()].copy_from_slice(blk);
+            });
+            let zero = vec![0f32; f];
+            let mut one = vec![0f32; f];
+            let mut max_err = 0f64;
+            for i in 0..rows {
+                pre_row(&x[i * d..(i + 1) * d], &w, &zero, &mut one);
+                for l in 0..f {
+                    let terms = (0..d).map(|j| x[i * d + j] as f64 * w[l * d + j] as f64);
+                    let s: f64 = terms.clone().sum();
+                    // bf16 rounds both factors by <= 2^-9 each: <= ~2^-8 of sum |terms|.
+                    let tol = match precision {
+                        MatmulPrecision::F32 => 1e-4,
+                        MatmulPrecision::Bf16 => terms.map(f64::abs).sum::<f64>() / 250.0,
+                    };
+                    let e = (s - got[i * f + l] as f64).abs();
+                    assert!(e < tol, "{precision:?} ({i}, {l}): {e}");
+                    max_err = max_err.max(e);
+                    assert!((s - one[l] as f64).abs() < 1e-4);
+                }
             }
+            // The bf16 path did round (its error is far above f32 summation's).
+            assert_eq!(
+                precision == MatmulPrecision::Bf16,
+                max_err > 1e-4,
+                "{max_err}"
+            );
         }
     }
 

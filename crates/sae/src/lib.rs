@@ -56,7 +56,7 @@ pub mod train;
 pub mod trainer;
 
 pub use codes::SparseCodes;
-pub use config::{Architecture, EncoderPrecision, TrainConfig};
+pub use config::{Architecture, MatmulPrecision, TrainConfig};
 pub use model::{InferenceArch, Sae};
 pub use train::{train, TrainOptions, TrainSummary};
 pub use trainer::{TrainHooks, TrainSae};

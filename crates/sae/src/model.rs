@@ -122,7 +122,7 @@ impl Sae {
                 0.0,
                 &[],
                 0,
-                crate::config::EncoderPrecision::F32,
+                crate::config::MatmulPrecision::F32,
             );
             let mut codes = SparseCodes::with_capacity(rows, f, rows * self.k.max(1));
             for r in sel {

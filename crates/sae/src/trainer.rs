@@ -449,6 +449,7 @@ impl TrainSae {
                 f,
                 block_rows,
                 &mut self.pre_buf,
+                cfg.dense_precision,
                 |_r0, blk| {
                     // The other rules (and a gate's statistics) need the biased block.
                     blk.par_chunks_mut(f).with_min_len(4).for_each(|p| {
@@ -711,7 +712,16 @@ impl TrainSae {
         // recon[r, g] = b_dec + sum of the row's entries with latent < prefixes[g].
         let mut recon = vec![0f32; rows * ng * d];
         if let Some(fd) = &dense_codes {
-            kernels::decode_dense(fd, rows, f, w_dec, d, b_dec, &mut recon);
+            kernels::decode_dense(
+                fd,
+                rows,
+                f,
+                w_dec,
+                d,
+                b_dec,
+                &mut recon,
+                self.cfg.dense_precision,
+            );
         } else {
             recon
                 .par_chunks_mut(ng * d)
@@ -801,6 +811,7 @@ impl TrainSae {
                 &dy,
                 &mut g_dec,
                 &mut grad_val,
+                self.cfg.dense_precision,
             ),
             None => kernels::decoder_backward(
                 &Csc::build(f, &entry_rows, &codes.idx),
@@ -1153,6 +1164,7 @@ impl TrainSae {
                 f,
                 d,
                 &mut self.tensors[W_ENC].g,
+                self.cfg.dense_precision,
             )
         } else {
             kernels::accum_rows(

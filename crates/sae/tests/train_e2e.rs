@@ -2,7 +2,7 @@
 //! resume is bit-identical, bad runs fail clearly.
 
 use saelab_core::source::{ActivationSource, MatrixSource};
-use saelab_sae::config::{Architecture, EncoderPrecision, Normalization, TrainConfig};
+use saelab_sae::config::{Architecture, MatmulPrecision, Normalization, TrainConfig};
 use saelab_sae::synth::sparse_mixture;
 use saelab_sae::train::{train, TrainOptions};
 use saelab_sae::trainer::{StepMetrics, TrainHooks, TrainSae};
@@ -207,20 +207,36 @@ fn every_architecture_learns_a_fixed_batch() {
     }
 }
 
-/// The TopK family with bf16 selection learns as well as with f32 selection: same data,
-/// same seed, final reconstruction error within a few percent.
+/// bf16 products learn as well as f32: the TopK family's selection (`encoder_precision`)
+/// and a ReLU + L1 SAE's dense GEMMs (`dense_precision`, dense codes early in training);
+/// same data, same seed, final reconstruction error within 5%.
 #[test]
-fn bf16_selection_trains_like_f32() {
+fn bf16_products_train_like_f32() {
     let d = 64;
     let data = sparse_mixture(256, d, 96, 4, 0.01, 4);
-    for arch in [Architecture::Topk, Architecture::Batchtopk] {
+    for arch in [
+        Architecture::Topk,
+        Architecture::Batchtopk,
+        Architecture::Standard,
+    ] {
         let mut mse = Vec::new();
-        for precision in [EncoderPrecision::F32, EncoderPrecision::Bf16] {
+        for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+            let topk = arch.is_topk_family();
             let cfg = TrainConfig {
                 lr: Some(5e-3),
+                l1_coeff: (!topk).then_some(0.01),
                 total_tokens: 256 * 60,
                 batch_size: 256,
-                encoder_precision: precision,
+                encoder_precision: if topk {
+                    precision
+                } else {
+                    MatmulPrecision::F32
+                },
+                dense_precision: if topk {
+                    MatmulPrecision::F32
+                } else {
+                    precision
+                },
                 ..small(arch)
             };
             let (_, first, last) = train_on_one_batch(&cfg, &data, d, 60);
@@ -459,7 +475,7 @@ fn bad_runs_fail_clearly_and_write_nothing() {
     // bf16 selection is for the TopK family only.
     let e = train(
         &[TrainConfig {
-            encoder_precision: EncoderPrecision::Bf16,
+            encoder_precision: MatmulPrecision::Bf16,
             l1_coeff: Some(0.01),
             ..small(Architecture::Standard)
         }],

@@ -79,7 +79,20 @@ impl PackedBf16 {
                     }
                     return;
                 }
-                for jj in 0..BLOCK_N.min(n - jb * BLOCK_N) {
+                let width = BLOCK_N.min(n - jb * BLOCK_N);
+                if b.cs == 1 {
+                    // Row-major B: row kk's 16 columns of this block are contiguous.
+                    for kk in 0..k {
+                        let row = &b.data[(kk as isize * b.rs) as usize + jb * BLOCK_N..][..width];
+                        let (c, r, e) = (kk / CHUNK_K, (kk % CHUNK_K) / 2, kk % 2);
+                        let tile_row = &mut block[c * TILE_ELEMS + r * CHUNK_K..][..CHUNK_K];
+                        for (jj, &x) in row.iter().enumerate() {
+                            tile_row[jj * 2 + e] = bf16_bits(x);
+                        }
+                    }
+                    return;
+                }
+                for jj in 0..width {
                     let j = jb * BLOCK_N + jj;
                     for kk in 0..k {
                         let (c, r, e) = (kk / CHUNK_K, (kk % CHUNK_K) / 2, kk % 2);
@@ -281,8 +294,21 @@ mod tiles {
         a16.par_chunks_mut(panel_elems)
             .enumerate()
             .for_each(|(p, panel)| {
+                let rows = PANEL_M.min(m - p * PANEL_M);
+                if a.rs == 1 && a.cs != 1 {
+                    // A = X^T of a row-major X (e.g. codes^T in a weight gradient): the
+                    // panel's 32 rows are 32 neighbours in each of X's rows.
+                    for kk in 0..k {
+                        let src = &a.data[(kk as isize * a.cs) as usize + p * PANEL_M..][..rows];
+                        let base = (kk / CHUNK_K) * 2 * TILE_ELEMS + kk % CHUNK_K;
+                        for (r, &x) in src.iter().enumerate() {
+                            panel[base + (r / 16) * TILE_ELEMS + (r % 16) * CHUNK_K] = bf16_bits(x);
+                        }
+                    }
+                    return;
+                }
                 let mut row = vec![0f32; chunks * CHUNK_K];
-                for r in 0..PANEL_M.min(m - p * PANEL_M) {
+                for r in 0..rows {
                     let i = p * PANEL_M + r;
                     let src: &[f32] = if a.cs == 1 {
                         &a.data[(i as isize * a.rs) as usize..][..k]
@@ -557,6 +583,7 @@ mod tests {
         r.fill_normal(&mut a, 1.0);
         r.fill_normal(&mut w, 1.0);
         r.fill_normal(&mut c, 1.0);
+        let c0 = c.clone();
         // B = W^T, as the LM's linear layers use it.
         let b = PackedBf16::pack(MatRef::row_major(&w, n, k).t());
         for (j, row) in w.chunks(k.max(1)).enumerate() {
@@ -575,7 +602,35 @@ mod tests {
             acc,
             MatMut::row_major(&mut c, m, n),
         );
-        for (idx, (&got, &want)) in c.iter().zip(&want).enumerate() {
+        check_close(&c, &want, m, k, n, acc);
+        // The other layouts: A stored transposed (a weight gradient's codes^T), B
+        // row-major; same values, same reference.
+        let mut at = vec![0f32; k * m];
+        for i in 0..m {
+            for kk in 0..k {
+                at[kk * m + i] = a[i * k + kk];
+            }
+        }
+        let mut wt = vec![0f32; k * n];
+        for j in 0..n {
+            for kk in 0..k {
+                wt[kk * n + j] = w[j * k + kk];
+            }
+        }
+        let b_rm = PackedBf16::pack(MatRef::row_major(&wt, k, n));
+        assert!((0..k).all(|kk| (0..n).all(|j| b_rm.at(kk, j) == b.at(kk, j))));
+        let mut c2 = c0.clone();
+        f(
+            MatRef::row_major(&at, k, m).t(),
+            &b_rm,
+            acc,
+            MatMut::row_major(&mut c2, m, n),
+        );
+        check_close(&c2, &want, m, k, n, acc);
+    }
+
+    fn check_close(c: &[f32], want: &[f64], m: usize, k: usize, n: usize, acc: bool) {
+        for (idx, (&got, &want)) in c.iter().zip(want).enumerate() {
             // f32 sums of k terms of size ~1 (products are exact): error ~ k * 2^-24 * |sum|.
             let tol = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
             assert!(
