@@ -25,6 +25,8 @@ Peers (PyTorch, CPU, f32, `torch.set_num_threads(--threads)`):
                  subprocess wall time and CPU time.
   saelab_bf16    the same with `encoder_precision="bf16"`: TopK latents selected from bf16
                  products (AMX tiles where the CPU has them), chosen values recomputed in f32.
+  saelab_standard_bf16  the standard SAE with `dense_precision="bf16"` (dense GEMMs as
+                 bf16 products with f32 sums).
 
 Common settings: the same training rows, the same number of tokens (steps x batch), Adam
 (0.9, 0.999), LR = 2e-4 / sqrt(F / 2^14) for TopK (1e-3 for standard), linear warm-up of
@@ -67,7 +69,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TOPK_PEERS = ("dl_topk", "sparsify", "sparsify_bf16", "saelab", "saelab_bf16")
-STANDARD_PEERS = ("dl_standard", "saelab_standard")
+STANDARD_PEERS = ("dl_standard", "saelab_standard", "saelab_standard_bf16")
 ALL_PEERS = TOPK_PEERS + STANDARD_PEERS
 
 
@@ -552,6 +554,9 @@ def run_saelab(train_store, out_dir, a, steps, standard, bf16=False):
             "lr=0.001",
             'b_dec_init="zeros"',
         ]
+        if bf16:
+            # The dense GEMMs as bf16 products with f32 sums (AMX where available).
+            sets += ['dense_precision="bf16"']
     else:
         sets += ['architecture="topk"', f"k={a.k}", f"lr={topk_lr(a.d_sae)}"]
         if bf16:
@@ -721,7 +726,7 @@ def main():
             timing, params = train_sparsify(x_train, a, steps, bf16=p.endswith("bf16"))
         else:
             timing, params = run_saelab(train_store, os.path.join(a.work, p), a, steps,
-                                        standard=(p == "saelab_standard"), bf16=(p == "saelab_bf16"))
+                                        standard=p.startswith("saelab_standard"), bf16=p.endswith("bf16"))
         quality = evaluate(params, x_eval) if x_eval is not None and not a.no_eval else None
         res["runs"][p] = dict(timing=timing, quality=quality)
         print(json.dumps(res["runs"][p]), flush=True)
@@ -729,7 +734,8 @@ def main():
         write_outputs(res, a)  # after every run, so an interrupted benchmark keeps its results
 
     ratios = {}
-    for group, ours in ((TOPK_PEERS, "saelab"), (TOPK_PEERS, "saelab_bf16"), (STANDARD_PEERS, "saelab_standard")):
+    for group, ours in ((TOPK_PEERS, "saelab"), (TOPK_PEERS, "saelab_bf16"), (STANDARD_PEERS, "saelab_standard"),
+                         (STANDARD_PEERS, "saelab_standard_bf16")):
         if ours not in res["runs"]:
             continue
         others = [n for n in group if not n.startswith("saelab") and n in res["runs"]]
