@@ -287,6 +287,16 @@ pub fn run_plan(
 }
 
 /// (Re)write results.csv/json and the report from what the run directory holds.
+/// The distinct values of a train key over the variants (`default` where unset), joined
+/// with " / ": one value when every variant agrees.
+fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
+    let values: std::collections::BTreeSet<&str> = variants
+        .iter()
+        .map(|v| v.train.get(key).and_then(|x| x.as_str()).unwrap_or(default))
+        .collect();
+    values.into_iter().collect::<Vec<_>>().join(" / ")
+}
+
 pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
     let records = load_records(run)?;
     write_results_table(run, &records)?;
@@ -298,6 +308,15 @@ pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
         ("corpus".to_string(), plan.corpus.clone()),
         ("tokens per SAE".to_string(), plan.train_tokens.to_string()),
         ("context length".to_string(), plan.ctx_len.to_string()),
+        ("LM precision".to_string(), plan.lm_precision.clone()),
+        (
+            "TopK selection precision".to_string(),
+            train_values(&variants, "encoder_precision", "f32"),
+        ),
+        (
+            "dense GEMM precision".to_string(),
+            train_values(&variants, "dense_precision", "f32"),
+        ),
         (
             "seeds".to_string(),
             plan.seeds

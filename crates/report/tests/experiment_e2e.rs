@@ -109,6 +109,7 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
         "Feature separation",
         "Evaluations by k and N",
         "All metrics",
+        "LM precision",
     ] {
         assert!(html.contains(s), "report lacks section {s}");
     }
