@@ -1,11 +1,11 @@
 //! `saelab cache`: run the LM over a corpus and store the activations at one hook.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use saelab_data::cache::{cache_activations, CacheOptions};
 use saelab_data::corpus::load_corpus;
 use saelab_data::store::Dtype;
-use saelab_lm::{HookPoint, LoadOptions, Model};
+use saelab_lm::{HookPoint, Model, WeightDtype};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -17,8 +17,8 @@ pub struct CacheArgs {
     /// LM arithmetic: `f32` (exact), `bf16-weights` (half the weight memory, f32
     /// arithmetic) or `bf16` (bf16 products with f32 sums, as PyTorch's bf16: on AMX tiles
     /// where the CPU has them, about 2x faster there; results are tagged "[bf16]").
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16-weights", "bf16"])]
-    pub lm_precision: String,
+    #[arg(long, default_value = "f32")]
+    pub lm_precision: WeightDtype,
     /// Hook name, TransformerLens style: blocks.L.hook_resid_pre | hook_resid_post |
     /// hook_attn_out | hook_mlp_out.
     #[arg(long, default_value = "blocks.14.hook_resid_post")]
@@ -54,12 +54,7 @@ pub struct CacheArgs {
 
 pub fn run(a: CacheArgs) -> Result<()> {
     let hook: HookPoint = a.hook.parse()?;
-    let model_path = saelab_core::assets::resolve_model(&a.model)?;
-    let lm_opts = LoadOptions {
-        weights: a.lm_precision.parse()?,
-    };
-    let model = Model::load_with(&model_path, &lm_opts)
-        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::open(&a.model, a.lm_precision)?;
     let dataset = load_corpus(&a.corpus)?;
     let mut opts = CacheOptions::new(hook);
     opts.tokens = a.tokens;

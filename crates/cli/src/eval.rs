@@ -1,8 +1,8 @@
 //! `saelab eval`: run SAEBench evaluations on one SAE folder.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use saelab_lm::{LoadOptions, Model};
+use saelab_lm::{Model, WeightDtype};
 use saelab_report::evalsetup::SuiteEvaluator;
 use saelab_report::runner::Evaluator;
 use std::path::PathBuf;
@@ -27,8 +27,8 @@ pub struct EvalArgs {
     /// LM arithmetic: `f32` (exact), `bf16-weights` (half the weight memory, f32
     /// arithmetic) or `bf16` (bf16 products with f32 sums, as PyTorch's bf16: on AMX tiles
     /// where the CPU has them, about 2x faster there; results are tagged "[bf16]").
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16-weights", "bf16"])]
-    pub lm_precision: String,
+    #[arg(long, default_value = "f32")]
+    pub lm_precision: WeightDtype,
     /// Output directory for the SAEBench JSON files (default: SAE/evals).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -49,12 +49,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let model_path = saelab_core::assets::resolve_model(&a.model)?;
-    let lm_opts = LoadOptions {
-        weights: a.lm_precision.parse()?,
-    };
-    let model = Model::load_with(&model_path, &lm_opts)
-        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::open(&a.model, a.lm_precision)?;
     let out = a.out.unwrap_or_else(|| a.sae.join("evals"));
     let cache = a
         .cache_dir

@@ -263,6 +263,15 @@ impl Model {
         Self::load_with(path, &LoadOptions::default())
     }
 
+    /// The model a user names (`default`: SmolLM2-135M-Instruct from the asset cache,
+    /// fetched on first use; otherwise a `.gguf` file or a safetensors directory), loaded
+    /// at `precision`; errors name the path.
+    pub fn open(spec: &str, precision: WeightDtype) -> Result<Model> {
+        let path = saelab_core::assets::resolve_model(spec)?;
+        Self::load_with(&path, &LoadOptions { weights: precision })
+            .with_context(|| format!("loading model {}", path.display()))
+    }
+
     /// [`Model::load`] with options (e.g. bf16 weight storage).
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let (mut config, tokenizer, weights) = if path.is_dir() {
@@ -290,11 +299,6 @@ impl Model {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
-    }
-
-    /// How the weights are held and the projections computed.
-    pub fn weight_dtype(&self) -> WeightDtype {
-        self.weight_dtype
     }
 
     /// The model's name with its precision when not f32 (`"<name> [bf16]"`): the name

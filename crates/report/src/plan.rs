@@ -165,6 +165,11 @@ pub fn unknown_key_message(key: &str, known: &[&str], where_: &str) -> String {
 }
 
 impl Plan {
+    /// The LM precision the plan names (`lm_precision`), parsed.
+    pub fn lm_weights(&self) -> Result<saelab_lm::WeightDtype> {
+        self.lm_precision.parse().context("lm_precision")
+    }
+
     /// Read, check and parse a plan file.
     pub fn load(path: &Path) -> Result<Plan> {
         let text = std::fs::read_to_string(path)
@@ -242,9 +247,7 @@ impl Plan {
                 self.eval_sizes
             );
         }
-        self.lm_precision
-            .parse::<saelab_lm::WeightDtype>()
-            .context("lm_precision")?;
+        self.lm_weights()?;
         if self.variants.is_empty() {
             bail!("the plan has no [[variants]]");
         }

@@ -18,7 +18,7 @@ use saelab_core::fsutil::write_atomic;
 use saelab_data::cache::{cache_activations, CacheOptions};
 use saelab_data::corpus::load_corpus;
 use saelab_data::store::{ActivationStore, ShuffleOptions, ShuffledReader};
-use saelab_lm::{HookPoint, LoadOptions, Model};
+use saelab_lm::{HookPoint, Model};
 use saelab_sae::{train, TrainConfig, TrainOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -139,12 +139,7 @@ pub fn run_plan(
 
     // Stage 1: activations.
     overall.set_message("loading the model");
-    let model_path = saelab_core::assets::resolve_model(&plan.model)?;
-    let lm_opts = LoadOptions {
-        weights: plan.lm_precision.parse()?,
-    };
-    let model = Model::load_with(&model_path, &lm_opts)
-        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let model = Model::open(&plan.model, plan.lm_weights()?)?;
     hook.check(model.config().n_layers)?;
     let store_dir = run.join("activations");
     overall.set_message("caching activations");
