@@ -43,6 +43,13 @@ fn bf16_bits(x: f32) -> u16 {
     (if x.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
+/// Where B's element (kk, jj) sits inside its column block of [`PackedBf16`]: tile (chunk)
+/// `kk / 32`, tile row `(kk % 32) / 2`, the pair `(kk, kk + 1)` of column `jj` side by side.
+#[inline]
+fn in_block(kk: usize, jj: usize) -> usize {
+    (kk / CHUNK_K) * TILE_ELEMS + ((kk % CHUNK_K) / 2) * CHUNK_K + jj * 2 + kk % 2
+}
+
 /// B (`k x n`) rounded to bf16 and packed into AMX tiles (see the module notes).
 pub struct PackedBf16 {
     k: usize,
@@ -64,39 +71,33 @@ impl PackedBf16 {
         data.par_chunks_mut((chunks * TILE_ELEMS).max(1))
             .enumerate()
             .for_each(|(jb, block)| {
-                if b.rs == 1 && k > 0 {
-                    // B = W^T of a row-major W: column j is W's row j, so each tile row's
-                    // (k, k+1) pair is two neighbours of that row.
-                    for jj in 0..BLOCK_N.min(n - jb * BLOCK_N) {
-                        let j = jb * BLOCK_N + jj;
-                        let col = &b.data[(j as isize * b.cs) as usize..][..k];
+                let width = BLOCK_N.min(n - jb * BLOCK_N);
+                if b.rs == 1 {
+                    // B = W^T of a row-major W: column j is W's row j, contiguous. Chunk
+                    // by chunk, so the index stays inside one 1 KiB tile (indexing the
+                    // whole block timed slower; this packing runs every bf16 TopK step).
+                    for jj in 0..width {
+                        let col = &b.data[((jb * BLOCK_N + jj) as isize * b.cs) as usize..][..k];
                         for (c, piece) in col.chunks(CHUNK_K).enumerate() {
                             let tile = &mut block[c * TILE_ELEMS..][..TILE_ELEMS];
                             for (kk, &x) in piece.iter().enumerate() {
-                                tile[(kk / 2) * CHUNK_K + jj * 2 + kk % 2] = bf16_bits(x);
+                                tile[in_block(kk, jj)] = bf16_bits(x);
                             }
                         }
                     }
-                    return;
-                }
-                let width = BLOCK_N.min(n - jb * BLOCK_N);
-                if b.cs == 1 {
-                    // Row-major B: row kk's 16 columns of this block are contiguous.
+                } else if b.cs == 1 {
+                    // Row-major B: row kk's columns of this block are contiguous.
                     for kk in 0..k {
                         let row = &b.data[(kk as isize * b.rs) as usize + jb * BLOCK_N..][..width];
-                        let (c, r, e) = (kk / CHUNK_K, (kk % CHUNK_K) / 2, kk % 2);
-                        let tile_row = &mut block[c * TILE_ELEMS + r * CHUNK_K..][..CHUNK_K];
                         for (jj, &x) in row.iter().enumerate() {
-                            tile_row[jj * 2 + e] = bf16_bits(x);
+                            block[in_block(kk, jj)] = bf16_bits(x);
                         }
                     }
-                    return;
-                }
-                for jj in 0..width {
-                    let j = jb * BLOCK_N + jj;
-                    for kk in 0..k {
-                        let (c, r, e) = (kk / CHUNK_K, (kk % CHUNK_K) / 2, kk % 2);
-                        block[c * TILE_ELEMS + r * CHUNK_K + jj * 2 + e] = bf16_bits(b.at(kk, j));
+                } else {
+                    for jj in 0..width {
+                        for kk in 0..k {
+                            block[in_block(kk, jj)] = bf16_bits(b.at(kk, jb * BLOCK_N + jj));
+                        }
                     }
                 }
             });
@@ -125,8 +126,7 @@ impl PackedBf16 {
     /// Element (kk, j) of the packed (rounded) matrix, as f32.
     pub fn at(&self, kk: usize, j: usize) -> f32 {
         let (jb, jj) = (j / BLOCK_N, j % BLOCK_N);
-        let (c, r, e) = (kk / CHUNK_K, (kk % CHUNK_K) / 2, kk % 2);
-        let idx = (jb * self.chunks + c) * TILE_ELEMS + r * CHUNK_K + jj * 2 + e;
+        let idx = jb * self.chunks * TILE_ELEMS + in_block(kk, jj);
         bf16::from_bits(self.data[idx]).to_f32()
     }
 
@@ -307,7 +307,8 @@ mod tiles {
                     }
                     return;
                 }
-                let mut row = vec![0f32; chunks * CHUNK_K];
+                // Strided rows are gathered here first (contiguous ones are read in place).
+                let mut row = if a.cs == 1 { Vec::new() } else { vec![0f32; k] };
                 for r in 0..rows {
                     let i = p * PANEL_M + r;
                     let src: &[f32] = if a.cs == 1 {
