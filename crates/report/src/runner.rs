@@ -1,8 +1,9 @@
 //! `saelab experiment`: run a plan end to end into one run directory.
 //!
 //! Stages: validate everything (plan, every variant's training config) -> cache the
-//! activations once -> per seed, train every unfinished variant together (one read of
-//! each batch feeds them all) -> evaluate each SAE -> results table -> report.
+//! activations once -> per seed: train every unfinished variant together (one read of
+//! each batch feeds them all), evaluate that seed's SAEs, rewrite the results table and
+//! report (which says PARTIAL until every SAE is trained and evaluated).
 //! Resumable: finished work is recognised by its files (`summary.json`, an eval's JSON,
 //! a complete activation store) and skipped; a seed whose training was interrupted
 //! resumes from its checkpoints.
@@ -182,7 +183,9 @@ pub fn run_plan(
     }
     overall.inc(1);
 
-    // Stage 2: training, one shared read per seed.
+    // Stages 2 and 3 seed by seed: train a seed's variants (one shared read), evaluate
+    // them, and rewrite the report, so a long plan shows finished seeds while the next
+    // one trains (and a plan stopped between seeds has complete results for some).
     for &seed in &plan.seeds {
         overall.set_message(format!("training seed {seed}"));
         tracing::info!("stage 2/3: training seed {seed}");
@@ -241,36 +244,36 @@ pub fn run_plan(
             }
         }
         overall.inc(1);
-    }
 
-    // Stage 3: evaluations.
-    for (v, seed, _) in &configs {
-        overall.set_message(format!("evaluating {} seed {seed}", v.name));
-        let dir = variant_dir(run, &v.name, *seed);
-        let out = dir.join("evals");
-        let mut missing = Vec::new();
-        for e in &plan.evals {
-            if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
-                missing.push(e.clone());
+        for (v, _, _) in configs.iter().filter(|(_, s, _)| *s == seed) {
+            overall.set_message(format!("evaluating {} seed {seed}", v.name));
+            let dir = variant_dir(run, &v.name, seed);
+            let out = dir.join("evals");
+            let mut missing = Vec::new();
+            for e in &plan.evals {
+                if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
+                    missing.push(e.clone());
+                }
             }
+            if !missing.is_empty() {
+                tracing::info!(
+                    "stage 3/3: evaluating {} seed {seed}: {}",
+                    v.name,
+                    missing.join(", ")
+                );
+                let t = Instant::now();
+                evaluator
+                    .evaluate(&model, &dir, &missing, &out, &plan.eval_sizes)
+                    .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
+                tracing::info!(
+                    "evaluated {} seed {seed} in {:.0} s",
+                    v.name,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            overall.inc(1);
         }
-        if !missing.is_empty() {
-            tracing::info!(
-                "stage 3/3: evaluating {} seed {seed}: {}",
-                v.name,
-                missing.join(", ")
-            );
-            let t = Instant::now();
-            evaluator
-                .evaluate(&model, &dir, &missing, &out, &plan.eval_sizes)
-                .with_context(|| format!("evaluating {} seed {seed}", v.name))?;
-            tracing::info!(
-                "evaluated {} seed {seed} in {:.0} s",
-                v.name,
-                t.elapsed().as_secs_f64()
-            );
-        }
-        overall.inc(1);
+        write_run_report(run, plan)?;
     }
     overall.finish_with_message(format!("done in {:.0} s", t0.elapsed().as_secs_f64()));
     tracing::info!(
@@ -278,10 +281,9 @@ pub fn run_plan(
         plan.name,
         t0.elapsed().as_secs_f64()
     );
-    write_run_report(run, plan)
+    Ok(run.join("report.html"))
 }
 
-/// (Re)write results.csv/json and the report from what the run directory holds.
 /// The distinct values of a train key over the variants (`default` where unset), joined
 /// with " / ": one value when every variant agrees.
 fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
@@ -292,11 +294,42 @@ fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
     values.into_iter().collect::<Vec<_>>().join(" / ")
 }
 
+/// How much of the plan the run directory holds: every (variant, seed) trained and
+/// evaluated, or a partial count, so an interim report says it is one.
+fn run_status(run: &Path, plan: &Plan, variants: &[Variant]) -> Result<String> {
+    let (mut trained, mut evaluated) = (0, 0);
+    for v in variants {
+        for &seed in &plan.seeds {
+            let dir = variant_dir(run, &v.name, seed);
+            if !dir.join("summary.json").exists() {
+                continue;
+            }
+            trained += 1;
+            let mut all = true;
+            for e in &plan.evals {
+                all &= dir
+                    .join("evals")
+                    .join(crate::evalsetup::eval_file_name(e)?)
+                    .exists();
+            }
+            evaluated += all as usize;
+        }
+    }
+    let n = variants.len() * plan.seeds.len();
+    Ok(if evaluated == n {
+        format!("complete: all {n} SAEs trained and evaluated")
+    } else {
+        format!("PARTIAL: {trained} of {n} SAEs trained, {evaluated} of {n} evaluated (resume with the same plan and run directory)")
+    })
+}
+
+/// (Re)write results.csv/json and the report from what the run directory holds.
 pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
     let records = load_records(run)?;
     write_results_table(run, &records)?;
     let variants = plan.expand()?;
     let setup = vec![
+        ("status".to_string(), run_status(run, plan, &variants)?),
         ("plan".to_string(), plan.name.clone()),
         ("model".to_string(), plan.model.clone()),
         ("hook".to_string(), plan.hook.clone()),

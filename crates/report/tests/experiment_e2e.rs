@@ -114,6 +114,10 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
         assert!(html.contains(s), "report lacks section {s}");
     }
     assert!(!html.contains("ZERO STEPS"));
+    assert!(
+        html.contains("complete: all 4 SAEs trained and evaluated"),
+        "status row"
+    );
 
     // Resume: nothing is redone.
     let sae_file = run.join("variants/topk/seed-0/sae_weights.safetensors");
@@ -134,6 +138,15 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     assert!(
         md.lines()
             .any(|l| l.starts_with("| relu | 1 | 0 |") && l.contains("ZERO STEPS")),
+        "{md}"
+    );
+
+    // A run missing an evaluation says its report is partial.
+    std::fs::remove_file(&eval_file).unwrap();
+    write_run_report(&run, &plan).unwrap();
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("| status | PARTIAL: 4 of 4 SAEs trained, 3 of 4 evaluated"),
         "{md}"
     );
 
