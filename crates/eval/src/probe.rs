@@ -77,13 +77,20 @@ impl<'a> Design<'a> {
                 }
             }
             Design::Sparse(codes) => {
-                let pos: std::collections::HashMap<usize, usize> =
-                    cols.iter().enumerate().map(|(c, &j)| (j, c)).collect();
+                // Output column of each latent (NONE: not selected). A dense table, not a
+                // hash map: a ReLU SAE's rows hold thousands of entries, each looked up.
+                const NONE: u32 = u32::MAX;
+                let mut pos = vec![NONE; codes.d_sae];
+                for (c, &j) in cols.iter().enumerate() {
+                    pos[j] = c as u32;
+                }
                 for i in 0..n {
                     let (idx, val) = codes.row(i);
+                    let o = &mut out[i * k..(i + 1) * k];
                     for (&j, &v) in idx.iter().zip(val) {
-                        if let Some(&c) = pos.get(&(j as usize)) {
-                            out[i * k + c] = v as f64;
+                        let c = pos[j as usize];
+                        if c != NONE {
+                            o[c as usize] = v as f64;
                         }
                     }
                 }
@@ -862,6 +869,25 @@ mod tests {
                 "coord {j}: fd {fd} vs {}",
                 g[j]
             );
+        }
+    }
+
+    #[test]
+    fn sparse_columns_match_the_dense_design() {
+        // Random sparse codes (about a third of the entries non-zero, random values).
+        let (n, f) = (50, 40);
+        let mut r = Rng::new(17);
+        let mut dense = vec![0f32; n * f];
+        r.fill_normal(&mut dense, 1.0);
+        for v in dense.iter_mut() {
+            if *v < 0.4 {
+                *v = 0.0;
+            }
+        }
+        let codes = SparseCodes::from_dense(&dense, n, f);
+        for cols in [vec![3usize, 0, 39, 17], (0..f).rev().collect(), vec![5]] {
+            let want = Design::dense(&dense, n, f).columns(&cols);
+            assert_eq!(Design::Sparse(&codes).columns(&cols), want, "cols {cols:?}");
         }
     }
 
