@@ -15,6 +15,7 @@
 //! (SAE latents, where a dense `[n, d_sae]` copy would be wasteful).
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use saelab_core::gemm::{gemm, MatMut, MatRef};
 use saelab_core::rng::Rng;
 use saelab_sae::codes::SparseCodes;
@@ -525,22 +526,44 @@ impl LinearProbe {
                     MatMut::row_major(&mut z, m, k),
                 );
             }
+            Design::Sparse(_) if k == 0 => {}
             Design::Sparse(c) => {
-                for (r, &i) in rows.iter().enumerate() {
-                    let (idx, val) = c.row(i);
-                    for o in 0..k {
-                        let w = self.row(o);
-                        let mut s = 0f32;
+                // The weights transposed once ([d, k]: a latent's outputs contiguous), so
+                // one pass over a row's entries serves every output. Each output's sum
+                // is still formed from 0 in entry order, then added to the bias: the
+                // logits are the ones a per-output dot product gives. Rows in parallel.
+                let wt = transpose(&self.w, k, d);
+                z.par_chunks_mut(k).zip(rows.par_iter()).for_each_init(
+                    || vec![0f32; k],
+                    |s, (zr, &i)| {
+                        s.fill(0.0);
+                        let (idx, val) = c.row(i);
                         for (&j, &v) in idx.iter().zip(val) {
-                            s += v * w[j as usize];
+                            let wj = &wt[j as usize * k..(j as usize + 1) * k];
+                            for (a, &w) in s.iter_mut().zip(wj) {
+                                *a += v * w;
+                            }
                         }
-                        z[r * k + o] += s;
-                    }
-                }
+                        for (a, &b) in zr.iter_mut().zip(s.iter()) {
+                            *a += b;
+                        }
+                    },
+                );
             }
         }
         z
     }
+}
+
+/// `[cols, rows]` copy of a row-major `[rows, cols]` matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
 }
 
 /// Mean BCE-with-logits (with per-output positive weights) over `z` and `y` [m, k], and
@@ -602,20 +625,34 @@ pub fn probe_loss_grad(
                 MatMut::row_major(gw, k, d),
             );
         }
+        Design::Sparse(_) if k == 0 => {}
         Design::Sparse(c) => {
-            for (r, &i) in rows.iter().enumerate() {
-                let (idx, val) = c.row(i);
-                for o in 0..k {
-                    let go = g[r * k + o];
-                    if go == 0.0 {
-                        continue;
+            // Accumulated latent-major (gwt [d, k]: one pass over a row's entries for
+            // every output), in spans of latents in parallel; each element still adds
+            // its rows' terms in row order (skipping zero upstream gradients), so the
+            // sums are the ones an output-major loop gives. Row indices are ascending.
+            const SPAN: usize = 512;
+            let mut gwt = vec![0f32; d * k];
+            gwt.par_chunks_mut(SPAN * k)
+                .enumerate()
+                .for_each(|(t, out)| {
+                    let (j0, j1) = (t * SPAN, t * SPAN + out.len() / k);
+                    for (r, &i) in rows.iter().enumerate() {
+                        let (idx, val) = c.row(i);
+                        let lo = idx.partition_point(|&j| (j as usize) < j0);
+                        let hi = lo + idx[lo..].partition_point(|&j| (j as usize) < j1);
+                        let gr = &g[r * k..(r + 1) * k];
+                        for (&j, &v) in idx[lo..hi].iter().zip(&val[lo..hi]) {
+                            let jl = j as usize - j0;
+                            for (a, &go) in out[jl * k..(jl + 1) * k].iter_mut().zip(gr) {
+                                if go != 0.0 {
+                                    *a += go * v;
+                                }
+                            }
+                        }
                     }
-                    let row = &mut gw[o * d..(o + 1) * d];
-                    for (&j, &v) in idx.iter().zip(val) {
-                        row[j as usize] += go * v;
-                    }
-                }
-            }
+                });
+            gw.copy_from_slice(&transpose(&gwt, d, k));
         }
     }
     if l1 > 0.0 {
@@ -952,6 +989,70 @@ mod tests {
         let t_unb = -unb.b / unb.w[0];
         assert!(t_bal.abs() < 0.3, "balanced threshold {t_bal}");
         assert!(t_unb > 0.8, "unbalanced threshold {t_unb}");
+    }
+
+    /// The sparse logits and weight gradient are the sums an output-major loop forms
+    /// (bit for bit), over several latent spans, on a row subset in shuffled order.
+    #[test]
+    fn sparse_logits_and_gradient_equal_output_major_sums() {
+        let (n, d, k) = (40, 1300, 5);
+        let mut r = Rng::new(23);
+        let mut x = vec![0f32; n * d];
+        for v in &mut x {
+            *v = if r.f32() < 0.6 { 0.0 } else { r.f32() * 3.0 };
+        }
+        let codes = SparseCodes::from_dense(&x, n, d);
+        let mut probe = LinearProbe::zeros(d, k);
+        r.fill_normal(&mut probe.w, 0.5);
+        r.fill_normal(&mut probe.b, 0.5);
+        let y: Vec<f32> = (0..n * k)
+            .map(|_| if r.f32() < 0.4 { 1.0 } else { 0.0 })
+            .collect();
+        let rows: Vec<usize> = (0..n).map(|i| (i * 7 + 3) % n).take(31).collect();
+        let z = probe.logits(&Design::Sparse(&codes), Some(&rows));
+        let mut g = vec![0f32; rows.len() * k];
+        let mut yb = Vec::new();
+        for (ri, &i) in rows.iter().enumerate() {
+            let (idx, val) = codes.row(i);
+            for o in 0..k {
+                let w = probe.row(o);
+                let mut s = 0f32;
+                for (&j, &v) in idx.iter().zip(val) {
+                    s += v * w[j as usize];
+                }
+                assert_eq!(z[ri * k + o].to_bits(), (probe.b[o] + s).to_bits());
+            }
+            yb.extend_from_slice(&y[i * k..(i + 1) * k]);
+        }
+        let pw = vec![1.0f32; k];
+        bce_grad(&z, &yb, &pw, k, &mut g);
+        let (mut gw, mut gb) = (vec![0f32; d * k], vec![0f32; k]);
+        probe_loss_grad(
+            &probe,
+            &Design::Sparse(&codes),
+            &y,
+            &rows,
+            &pw,
+            0.0,
+            &mut gw,
+            &mut gb,
+        );
+        let mut want = vec![0f32; d * k];
+        for (ri, &i) in rows.iter().enumerate() {
+            let (idx, val) = codes.row(i);
+            for o in 0..k {
+                let go = g[ri * k + o];
+                if go != 0.0 {
+                    for (&j, &v) in idx.iter().zip(val) {
+                        want[o * d + j as usize] += go * v;
+                    }
+                }
+            }
+        }
+        assert!(want.iter().filter(|v| **v != 0.0).count() > d);
+        for (a, b) in gw.iter().zip(&want) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
     }
 
     #[test]
