@@ -629,8 +629,8 @@ pub fn probe_loss_grad(
         Design::Sparse(c) => {
             // Accumulated latent-major (gwt [d, k]: one pass over a row's entries for
             // every output), in spans of latents in parallel; each element still adds
-            // its rows' terms in row order (skipping zero upstream gradients), so the
-            // sums are the ones an output-major loop gives. Row indices are ascending.
+            // its rows' terms in row order, so the sums are the ones an output-major
+            // loop gives. Row indices are ascending.
             const SPAN: usize = 512;
             let mut gwt = vec![0f32; d * k];
             gwt.par_chunks_mut(SPAN * k)
@@ -644,10 +644,12 @@ pub fn probe_loss_grad(
                         let gr = &g[r * k..(r + 1) * k];
                         for (&j, &v) in idx[lo..hi].iter().zip(&val[lo..hi]) {
                             let jl = j as usize - j0;
+                            // No skip of zero upstream gradients (the output-major
+                            // loop had one): a sum that starts at +0 is never -0, so
+                            // adding a zero term leaves it unchanged, and the loop
+                            // vectorises.
                             for (a, &go) in out[jl * k..(jl + 1) * k].iter_mut().zip(gr) {
-                                if go != 0.0 {
-                                    *a += go * v;
-                                }
+                                *a += go * v;
                             }
                         }
                     }
