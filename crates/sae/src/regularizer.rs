@@ -105,6 +105,13 @@ pub trait Gate: Send {
     /// per-latent thresholds to use this step.
     fn thresholds(&mut self, pre: &[f32], rows: usize, d_sae: usize) -> &[f32];
 
+    /// The per-latent thresholds an exported SAE applies in place of the gate: the
+    /// trained rule as a JumpReLU on the pre-activation (`f = pre` where `pre >
+    /// threshold`, else 0). `None` (the default) when the gate has no such form yet.
+    fn inference_thresholds(&self) -> Option<Vec<f32>> {
+        None
+    }
+
     /// Internal state for checkpoints (default: stateless). Resume is bit-identical only
     /// if everything that influences later steps is saved here.
     fn save_state(&self) -> Result<Vec<u8>> {

@@ -98,8 +98,9 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 }
 
 /// Write the usable SAE (SAELens folder) and the resolved config into `dir`.
-fn save_outputs(dir: &Path, sae: &TrainSae) -> Result<()> {
-    let inf = sae.to_inference();
+fn save_outputs(dir: &Path, sae: &TrainSae, hooks: &TrainHooks) -> Result<()> {
+    let gate = hooks.gate.as_ref().and_then(|g| g.inference_thresholds());
+    let inf = sae.to_inference_gated(gate.as_deref());
     inf.save_with_sparsity(dir, Some(&sae.log10_density()))?;
     write_atomic(&dir.join(CONFIG_FILE), sae.cfg.to_toml_string()?.as_bytes())
 }
@@ -404,7 +405,7 @@ pub fn train(
             {
                 f.flush().map_err(io)?;
                 save_checkpoint(&out_dirs[i], s, &hooks[i])?;
-                save_outputs(&out_dirs[i], s)?;
+                save_outputs(&out_dirs[i], s, &hooks[i])?;
             }
             last[i] = m;
         }
@@ -429,7 +430,7 @@ pub fn train(
             f.flush().ok();
         }
         save_checkpoint(&out_dirs[i], s, &hooks[i])?;
-        save_outputs(&out_dirs[i], s)?;
+        save_outputs(&out_dirs[i], s, &hooks[i])?;
         let trained = (step - start) as u64 * bsz as u64;
         out.push(TrainSummary {
             out_dir: out_dirs[i].clone(),

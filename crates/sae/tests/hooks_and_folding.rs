@@ -382,3 +382,81 @@ fn methods_from_the_config_train_end_to_end() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// An SAE trained with a gate is exported as a JumpReLU applying the gate's thresholds:
+/// on raw activations it computes the trained rule (`pre > threshold`), with the input
+/// scale and (standard_april) decoder norms folded, not a ReLU firing every positive
+/// pre-activation.
+#[test]
+fn a_gated_sae_exports_its_thresholds_as_a_jumprelu() {
+    let (d, f, rows) = (8, 24, 30);
+    let mut x = vec![0f32; rows * d];
+    Rng::new(6).fill_normal(&mut x, 3.0);
+    for arch in [Architecture::Standard, Architecture::StandardApril] {
+        let cfg = TrainConfig {
+            architecture: arch,
+            d_sae: f,
+            ..Default::default()
+        };
+        let mut sae = TrainSae::new(&cfg, d, 10).unwrap();
+        perturb(&mut sae, 11 + arch as u64);
+        for (l, row) in sae.tensors[W_DEC].p.chunks_mut(d).enumerate() {
+            row.iter_mut().for_each(|v| *v *= 0.5 + l as f32 * 0.05);
+        }
+        let s = 0.6f32;
+        sae.scale = s;
+        let mut t = vec![0f32; f];
+        Rng::new(7).fill_normal(&mut t, 0.5);
+        t.iter_mut().for_each(|v| *v = v.abs());
+        let exported = sae.to_inference_gated(Some(&t));
+        assert!(
+            exported.threshold.is_some(),
+            "{arch:?}: exported as a JumpReLU"
+        );
+        let plain = sae.to_inference();
+        assert!(plain.threshold.is_none());
+        let (codes, y) = exported.forward(&x, rows);
+        let (w, b, wd, bd) = (
+            &sae.tensors[0].p,
+            &sae.tensors[1].p,
+            &sae.tensors[2].p,
+            &sae.tensors[3].p,
+        );
+        let (mut active, mut gated_off) = (0, 0);
+        for r in 0..rows {
+            // The training rule in the normalised space: pre on s x (- b_dec if used).
+            let sub = if plain.apply_b_dec_to_input { 1.0 } else { 0.0 };
+            let xs: Vec<f64> = (0..d)
+                .map(|i| (s * x[r * d + i] - sub * bd[i]) as f64)
+                .collect();
+            let mut yr: Vec<f64> = bd.iter().map(|&v| v as f64).collect();
+            let mut want = Vec::new();
+            for l in 0..f {
+                let pre: f64 =
+                    b[l] as f64 + (0..d).map(|i| xs[i] * w[l * d + i] as f64).sum::<f64>();
+                if pre > t[l] as f64 {
+                    want.push(l as u32);
+                    for j in 0..d {
+                        yr[j] += pre * wd[l * d + j] as f64;
+                    }
+                } else if pre > 0.0 {
+                    gated_off += 1;
+                }
+            }
+            active += want.len();
+            assert_eq!(codes.row(r).0, &want[..], "{arch:?} row {r}");
+            for j in 0..d {
+                let want = yr[j] / s as f64;
+                let got = y[r * d + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{arch:?}: {got} vs {want}"
+                );
+            }
+        }
+        assert!(
+            active > 0 && gated_off > 0,
+            "{arch:?}: {active} active, {gated_off} gated off"
+        );
+    }
+}

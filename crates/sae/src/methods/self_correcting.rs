@@ -418,6 +418,19 @@ impl Gate for ZScoreGate {
         &self.thr
     }
 
+    /// The training rule keeps `pre > max(thr, 0)`; `thr` is the last step's
+    /// thresholds, recomputed from the saved statistics so a resumed run exports the same.
+    fn inference_thresholds(&self) -> Option<Vec<f32>> {
+        let (z, lo) = (self.cfg.z as f32, self.cfg.min_threshold as f32);
+        self.started.then(|| {
+            self.mu
+                .iter()
+                .zip(&self.sigma)
+                .map(|(m, s)| (m + z * s).max(lo).max(0.0))
+                .collect()
+        })
+    }
+
     fn save_state(&self) -> Result<Vec<u8>> {
         Ok(serde_json::to_vec(&GateState {
             mu: self.mu.clone(),
@@ -1198,6 +1211,7 @@ mod tests {
             min_threshold: 0.0,
         };
         let mut g = ZScoreGate::new(cfg, 2, resets.clone());
+        assert_eq!(g.inference_thresholds(), None, "no statistics yet");
         // Batch 1, latent 0: [1, 3] -> mean 2, std 1; latent 1: [-4, -2] -> mean -3, std 1.
         let t = g.thresholds(&[1.0, -4.0, 3.0, -2.0], 2, 2).to_vec();
         assert_eq!(t, vec![4.0, 0.0]); // -3 + 2 = -1 clamped to 0
@@ -1210,6 +1224,8 @@ mod tests {
         resets.lock().unwrap().push(1);
         let t = g.thresholds(&[2.0, 10.0, 2.0, 12.0], 2, 2).to_vec();
         assert_eq!(t, vec![2.0 + 2.0 * 0.25, 13.0]);
+        // The exported thresholds are the last step's, from the statistics alone.
+        assert_eq!(g.inference_thresholds(), Some(t));
         let saved = g.save_state().unwrap();
         let mut h = ZScoreGate::new(GateConfig::default(), 2, Arc::new(Mutex::new(Vec::new())));
         h.load_state(&saved).unwrap();
