@@ -249,12 +249,7 @@ pub fn run_plan(
             overall.set_message(format!("evaluating {} seed {seed}", v.name));
             let dir = variant_dir(run, &v.name, seed);
             let out = dir.join("evals");
-            let mut missing = Vec::new();
-            for e in &plan.evals {
-                if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
-                    missing.push(e.clone());
-                }
-            }
+            let missing = missing_evals(&dir, plan)?;
             if !missing.is_empty() {
                 tracing::info!(
                     "stage 3/3: evaluating {} seed {seed}: {}",
@@ -294,6 +289,18 @@ fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
     values.into_iter().collect::<Vec<_>>().join(" / ")
 }
 
+/// The plan's evaluations whose SAEBench JSON is not yet in `sae_dir/evals`.
+fn missing_evals(sae_dir: &Path, plan: &Plan) -> Result<Vec<String>> {
+    let out = sae_dir.join("evals");
+    let mut missing = Vec::new();
+    for e in &plan.evals {
+        if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
+            missing.push(e.clone());
+        }
+    }
+    Ok(missing)
+}
+
 /// How much of the plan the run directory holds: every (variant, seed) trained and
 /// evaluated, or a partial count, so an interim report says it is one.
 fn run_status(run: &Path, plan: &Plan, variants: &[Variant]) -> Result<String> {
@@ -305,14 +312,7 @@ fn run_status(run: &Path, plan: &Plan, variants: &[Variant]) -> Result<String> {
                 continue;
             }
             trained += 1;
-            let mut all = true;
-            for e in &plan.evals {
-                all &= dir
-                    .join("evals")
-                    .join(crate::evalsetup::eval_file_name(e)?)
-                    .exists();
-            }
-            evaluated += all as usize;
+            evaluated += missing_evals(&dir, plan)?.is_empty() as usize;
         }
     }
     let n = variants.len() * plan.seeds.len();
