@@ -39,6 +39,10 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Train SAEs from an activation store (several configs share one read).
     Train(train::TrainArgs),
+    /// Re-write SAE folders from their checkpoints with this build's export (after an
+    /// upgrade that changed how SAEs are saved); nothing is trained. `saelab experiment`
+    /// redoes evaluations older than the SAE they evaluated.
+    Export(train::ExportArgs),
     /// Evaluate an SAE with the SAEBench suite (core, absorption, sparse_probing, tpp, scr).
     Eval(eval::EvalArgs),
     /// Run an experiment plan: cache once, train variants x seeds, evaluate, report (resumable).
@@ -73,6 +77,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch::run(a),
         Command::Cache(a) => cache::run(a),
         Command::Train(a) => train::run(a),
+        Command::Export(a) => train::export(a),
         Command::Eval(a) => eval::run(a),
         Command::Experiment(a) => experiment::experiment(a),
         Command::Quickstart(a) => experiment::quickstart(a),

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use saelab_data::store::{ActivationStore, ShuffleOptions, ShuffledReader};
-use saelab_sae::{train, TrainConfig, TrainOptions};
+use saelab_sae::{export_checkpoint, train, TrainConfig, TrainOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -127,6 +127,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
             s.tokens,
             s.wall_seconds,
             s.tokens_per_second
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// SAE output directories of `saelab train` or `saelab experiment`, each holding a
+    /// `checkpoint.safetensors`.
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Re-write each directory's SAE from its checkpoint with this build's export.
+pub fn export(a: ExportArgs) -> Result<()> {
+    for dir in &a.dirs {
+        let (step, planned) = export_checkpoint(dir)?;
+        println!(
+            "{}: SAE re-written from the checkpoint at step {step} of {planned}",
+            dir.display()
         );
     }
     Ok(())

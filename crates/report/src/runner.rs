@@ -289,12 +289,22 @@ fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
     values.into_iter().collect::<Vec<_>>().join(" / ")
 }
 
-/// The plan's evaluations whose SAEBench JSON is not yet in `sae_dir/evals`.
+/// The plan's evaluations whose SAEBench JSON is not in `sae_dir/evals`, or is older than
+/// the SAE's weights (re-written since, e.g. by `saelab export`): like `make`, a result
+/// older than its input is redone.
 fn missing_evals(sae_dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     let out = sae_dir.join("evals");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let weights = modified(&sae_dir.join(saelab_sae::io::WEIGHTS_FILE));
     let mut missing = Vec::new();
     for e in &plan.evals {
-        if !out.join(crate::evalsetup::eval_file_name(e)?).exists() {
+        let result = modified(&out.join(crate::evalsetup::eval_file_name(e)?));
+        let current = match (result, weights) {
+            (Some(r), Some(w)) => r >= w,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !current {
             missing.push(e.clone());
         }
     }

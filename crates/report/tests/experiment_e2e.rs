@@ -1,6 +1,7 @@
 //! End to end on the real model: a tiny plan (a few thousand tokens, tiny SAEs) runs
 //! through cache -> train -> evaluate -> report; a rerun skips finished work; a variant
-//! whose record says it trained zero steps is flagged in the report.
+//! whose record says it trained zero steps is flagged in the report; an SAE re-exported
+//! since its evaluation is evaluated again.
 
 use saelab_report::evalsetup::SuiteEvaluator;
 use saelab_report::plan::Plan;
@@ -147,6 +148,34 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(
         md.contains("| status | PARTIAL: 4 of 4 SAEs trained, 3 of 4 evaluated"),
+        "{md}"
+    );
+
+    // An SAE re-written from its checkpoint (`saelab export`) makes its evaluations
+    // stale: the status counts it unevaluated, and a rerun redoes exactly those.
+    let topk0 = run.join("variants/topk/seed-0");
+    let topk0_eval = topk0.join("evals/core_eval_results.json");
+    let untouched = run.join("variants/relu/seed-0/evals/core_eval_results.json");
+    let t_untouched = mtime(&untouched);
+    assert_eq!(saelab_sae::export_checkpoint(&topk0).unwrap(), (12, 12));
+    assert!(mtime(&topk0.join("sae_weights.safetensors")) > mtime(&topk0_eval));
+    write_run_report(&run, &plan).unwrap();
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("| status | PARTIAL: 4 of 4 SAEs trained, 2 of 4 evaluated"),
+        "{md}"
+    );
+    run_plan(&plan, PLAN, &ev, &opts).unwrap();
+    assert!(mtime(&topk0_eval) >= mtime(&topk0.join("sae_weights.safetensors")));
+    assert!(eval_file.exists(), "the missing evaluation was redone");
+    assert_eq!(
+        mtime(&untouched),
+        t_untouched,
+        "a current evaluation was redone"
+    );
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("complete: all 4 SAEs trained and evaluated"),
         "{md}"
     );
 

@@ -4,6 +4,7 @@
 //! the resolved configuration, so a resumed run continues bit for bit and a checkpoint
 //! from a different configuration is refused.
 
+use crate::config::TrainConfig;
 use crate::io::{get, metadata_of, raw_f32, u64_bytes, Raw};
 use crate::trainer::{TrainHooks, TrainSae};
 use anyhow::{anyhow, bail, Context, Result};
@@ -89,6 +90,48 @@ pub fn save_checkpoint(dir: &Path, sae: &TrainSae, hooks: &TrainHooks) -> Result
     md.insert("hooks".into(), hook_states.len().to_string());
     let bytes = safetensors::serialize(ts, Some(md))?;
     write_atomic(&dir.join(CHECKPOINT_FILE), &bytes)
+}
+
+/// Rebuild the trainer saved in `dir/checkpoint.safetensors` from the checkpoint alone:
+/// the configuration, input width and planned steps come from its metadata, the research
+/// hooks are rebuilt from the configuration's method and given their saved state.
+pub fn restore_checkpoint(dir: &Path) -> Result<(TrainSae, TrainHooks)> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let md = metadata_of(&bytes, &path)?;
+    drop(bytes);
+    let field = |k: &str| {
+        md.get(k)
+            .ok_or_else(|| anyhow!("{}: checkpoint metadata lacks '{k}'", path.display()))
+    };
+    let num = |k: &str| -> Result<usize> {
+        field(k)?
+            .parse::<usize>()
+            .with_context(|| format!("{}: bad '{k}' in checkpoint metadata", path.display()))
+    };
+    if field("format")? != FORMAT {
+        bail!("{}: not a saelab checkpoint", path.display());
+    }
+    let cfg = TrainConfig::from_toml_str(field("config")?).with_context(|| {
+        format!(
+            "{}: bad configuration in checkpoint metadata",
+            path.display()
+        )
+    })?;
+    let d_in = num("d_in")?;
+    let mut sae = TrainSae::new(&cfg, d_in, num("total_steps")?)
+        .with_context(|| format!("{}: configuration in checkpoint metadata", path.display()))?;
+    let built = sae
+        .cfg
+        .method
+        .build(d_in, sae.d_sae, sae.cfg.seed)
+        .with_context(|| format!("{}: building the research method", path.display()))?;
+    let mut hooks = TrainHooks {
+        regularizers: built.regularizers,
+        gate: built.gate,
+    };
+    load_checkpoint(dir, &mut sae, &mut hooks)?;
+    Ok((sae, hooks))
 }
 
 /// Restore a checkpoint into `sae` (built from the same resolved config) and `hooks`.

@@ -58,5 +58,5 @@ pub mod trainer;
 pub use codes::SparseCodes;
 pub use config::{Architecture, MatmulPrecision, TrainConfig};
 pub use model::{InferenceArch, Sae};
-pub use train::{train, TrainOptions, TrainSummary};
+pub use train::{export_checkpoint, train, TrainOptions, TrainSummary};
 pub use trainer::{TrainHooks, TrainSae};

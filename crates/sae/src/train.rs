@@ -3,7 +3,7 @@
 //! checkpoints (each also a usable SAELens folder), resumes bit-identically, and saves
 //! the final SAEs with their resolved `train_config.toml`.
 
-use crate::checkpoint::{load_checkpoint, save_checkpoint, CHECKPOINT_FILE};
+use crate::checkpoint::{load_checkpoint, restore_checkpoint, save_checkpoint, CHECKPOINT_FILE};
 use crate::config::{Normalization, TrainConfig};
 use crate::io::WEIGHTS_FILE;
 use crate::trainer::{StepMetrics, TrainHooks, TrainSae};
@@ -100,9 +100,21 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 /// Write the usable SAE (SAELens folder) and the resolved config into `dir`.
 fn save_outputs(dir: &Path, sae: &TrainSae, hooks: &TrainHooks) -> Result<()> {
     let gate = hooks.gate.as_ref().and_then(|g| g.inference_thresholds());
-    let inf = sae.to_inference_gated(gate.as_deref());
+    let inf = sae
+        .to_inference_gated(gate.as_deref())
+        .with_context(|| format!("saving the SAE in {}", dir.display()))?;
     inf.save_with_sparsity(dir, Some(&sae.log10_density()))?;
     write_atomic(&dir.join(CONFIG_FILE), sae.cfg.to_toml_string()?.as_bytes())
+}
+
+/// Re-write the usable SAE in `dir` (SAELens folder, sparsity, `train_config.toml`) from
+/// `dir/checkpoint.safetensors` with this build's export, e.g. after an upgrade that
+/// changed how SAEs are saved. Returns the checkpoint's (step, planned steps). Nothing is
+/// trained; files are replaced atomically.
+pub fn export_checkpoint(dir: &Path) -> Result<(usize, usize)> {
+    let (sae, hooks) = restore_checkpoint(dir)?;
+    save_outputs(dir, &sae, &hooks)?;
+    Ok((sae.step, sae.total_steps))
 }
 
 /// Read exactly `rows` rows unless the source ends; restart it once when `loop_source`.

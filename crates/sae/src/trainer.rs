@@ -1628,25 +1628,43 @@ impl TrainSae {
     /// The inference SAE (SAELens layout) taking raw activations: the normalisation scale
     /// and (April variant) the decoder norms folded into the weights.
     pub fn to_inference(&self) -> Sae {
-        self.to_inference_gated(None)
+        self.export(None)
     }
 
     /// [`TrainSae::to_inference`] of an SAE trained with a gate (adaptive thresholds in
     /// place of the ReLU rule): `gate_thresholds` (from [`crate::regularizer::Gate::inference_thresholds`])
     /// make the exported SAE a JumpReLU that applies them, i.e. the rule it was trained
     /// with, instead of a plain ReLU SAE that would fire every positive pre-activation.
-    pub fn to_inference_gated(&self, gate_thresholds: Option<&[f32]>) -> Sae {
+    /// Errors if the thresholds do not match the latents or the architecture has no ReLU
+    /// rule for them to replace (training refuses such a gate too).
+    pub fn to_inference_gated(&self, gate_thresholds: Option<&[f32]>) -> Result<Sae> {
+        if let Some(t) = gate_thresholds {
+            if t.len() != self.d_sae {
+                bail!(
+                    "cannot export the gate: {} thresholds for {} latents",
+                    t.len(),
+                    self.d_sae
+                );
+            }
+            let arch = self.arch();
+            if !matches!(arch, Architecture::Standard | Architecture::StandardApril) {
+                bail!("cannot export the gate: it replaces a ReLU rule, and {arch:?} has none");
+            }
+        }
+        Ok(self.export(gate_thresholds))
+    }
+
+    /// The export behind [`TrainSae::to_inference`] and [`TrainSae::to_inference_gated`];
+    /// `gate_thresholds` are already checked.
+    fn export(&self, gate_thresholds: Option<&[f32]>) -> Sae {
         let (f, d) = (self.d_sae, self.d_in);
         let arch = self.arch();
         let mut w_lat = self.tensors[W_ENC].p.clone();
         let mut b_enc = self.tensors[B_ENC].p.clone();
         let mut w_dec = self.tensors[W_DEC].p.clone();
         let mut b_dec = self.tensors[B_DEC].p.clone();
-        let gated = gate_thresholds
-            .filter(|t| t.len() == f)
-            .filter(|_| matches!(arch, Architecture::Standard | Architecture::StandardApril));
         let mut threshold: Option<Vec<f32>> = match arch {
-            _ if gated.is_some() => gated.map(|t| t.to_vec()),
+            _ if gate_thresholds.is_some() => gate_thresholds.map(|t| t.to_vec()),
             Architecture::Jumprelu => Some(self.tensors[THRESHOLD].p.clone()),
             Architecture::Batchtopk | Architecture::MatryoshkaBatchtopk => {
                 Some(vec![self.inference_threshold(); f])

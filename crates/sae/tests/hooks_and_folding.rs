@@ -8,7 +8,7 @@ use saelab_sae::codes::SparseCodes;
 use saelab_sae::config::{Architecture, TrainConfig};
 use saelab_sae::regularizer::{DecoderGrad, Gate, PenaltyOut, Regularizer, StepContext};
 use saelab_sae::synth::sparse_mixture;
-use saelab_sae::train::{train, TrainOptions};
+use saelab_sae::train::{export_checkpoint, train, TrainOptions};
 use saelab_sae::trainer::{TrainHooks, TrainSae, W_DEC};
 
 /// L1-like penalty `w * sum(codes) / B` that also pulls decoder row 0 towards zero,
@@ -379,7 +379,42 @@ fn methods_from_the_config_train_end_to_end() {
             written.contains(method),
             "resolved config keeps the method: {written}"
         );
+        // Re-exporting from the final checkpoint alone (config, width and hook state
+        // read back from it) rewrites the same SAE folder, byte for byte.
+        let files = [
+            "cfg.json",
+            "sae_weights.safetensors",
+            "sparsity.safetensors",
+            "train_config.toml",
+        ];
+        let saved: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect();
+        let cfg_json = String::from_utf8(saved[0].clone()).unwrap();
+        let want_arch = if method == "self_correcting" {
+            "jumprelu"
+        } else {
+            "topk"
+        };
+        assert!(
+            cfg_json.contains(&format!("\"architecture\": \"{want_arch}\"")),
+            "{method}: {cfg_json}"
+        );
+        for f in files {
+            std::fs::remove_file(dir.join(f)).unwrap();
+        }
+        assert_eq!(export_checkpoint(&dir).unwrap(), (8, 8), "{method}");
+        for (f, want) in files.iter().zip(&saved) {
+            let got = std::fs::read(dir.join(f)).unwrap();
+            assert!(&got == want, "{method}: re-exported {f} differs");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+        let err = export_checkpoint(&dir).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("checkpoint.safetensors"),
+            "names the missing file: {err:#}"
+        );
     }
 }
 
@@ -408,13 +443,18 @@ fn a_gated_sae_exports_its_thresholds_as_a_jumprelu() {
         let mut t = vec![0f32; f];
         Rng::new(7).fill_normal(&mut t, 0.5);
         t.iter_mut().for_each(|v| *v = v.abs());
-        let exported = sae.to_inference_gated(Some(&t));
+        let exported = sae.to_inference_gated(Some(&t)).unwrap();
         assert!(
             exported.threshold.is_some(),
             "{arch:?}: exported as a JumpReLU"
         );
         let plain = sae.to_inference();
         assert!(plain.threshold.is_none());
+        let err = sae.to_inference_gated(Some(&t[1..])).unwrap_err();
+        assert!(
+            format!("{err}").contains("23 thresholds for 24 latents"),
+            "{err}"
+        );
         let (codes, y) = exported.forward(&x, rows);
         let (w, b, wd, bd) = (
             &sae.tensors[0].p,
@@ -459,4 +499,17 @@ fn a_gated_sae_exports_its_thresholds_as_a_jumprelu() {
             "{arch:?}: {active} active, {gated_off} gated off"
         );
     }
+    // A TopK SAE has no ReLU rule for a gate to replace: refused, not silently ignored.
+    let topk = TrainSae::new(
+        &TrainConfig {
+            d_sae: f,
+            k: 4,
+            ..Default::default()
+        },
+        d,
+        10,
+    )
+    .unwrap();
+    let err = topk.to_inference_gated(Some(&vec![0.5; f])).unwrap_err();
+    assert!(format!("{err}").contains("Topk"), "{err}");
 }
