@@ -13,7 +13,7 @@ use saelab_core::rng::Rng;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const FORMAT: &str = "saelab-checkpoint-1";
@@ -92,40 +92,61 @@ pub fn save_checkpoint(dir: &Path, sae: &TrainSae, hooks: &TrainHooks) -> Result
     write_atomic(&dir.join(CHECKPOINT_FILE), &bytes)
 }
 
+/// A checkpoint file's bytes and metadata, its format checked.
+struct CheckpointFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    md: HashMap<String, String>,
+}
+
+impl CheckpointFile {
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(CHECKPOINT_FILE);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let md = metadata_of(&bytes, &path)?;
+        let f = CheckpointFile { path, bytes, md };
+        if f.field("format")? != FORMAT {
+            bail!(
+                "{}: not a saelab checkpoint (format {})",
+                f.path.display(),
+                f.field("format")?
+            );
+        }
+        Ok(f)
+    }
+
+    fn field(&self, k: &str) -> Result<&String> {
+        self.md
+            .get(k)
+            .ok_or_else(|| anyhow!("{}: checkpoint metadata lacks '{k}'", self.path.display()))
+    }
+
+    fn num(&self, k: &str) -> Result<u64> {
+        self.field(k)?
+            .parse::<u64>()
+            .with_context(|| format!("{}: bad '{k}' in checkpoint metadata", self.path.display()))
+    }
+}
+
 /// Rebuild the trainer saved in `dir/checkpoint.safetensors` from the checkpoint alone:
 /// the configuration, input width and planned steps come from its metadata, the research
 /// hooks are rebuilt from the configuration's method and given their saved state.
 pub fn restore_checkpoint(dir: &Path) -> Result<(TrainSae, TrainHooks)> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let md = metadata_of(&bytes, &path)?;
-    drop(bytes);
-    let field = |k: &str| {
-        md.get(k)
-            .ok_or_else(|| anyhow!("{}: checkpoint metadata lacks '{k}'", path.display()))
+    let (cfg, d_in, total_steps) = {
+        let f = CheckpointFile::read(dir)?;
+        let cfg = TrainConfig::from_toml_str(f.field("config")?)
+            .with_context(|| format!("{}: bad configuration in its metadata", f.path.display()))?;
+        (cfg, f.num("d_in")? as usize, f.num("total_steps")? as usize)
     };
-    let num = |k: &str| -> Result<usize> {
-        field(k)?
-            .parse::<usize>()
-            .with_context(|| format!("{}: bad '{k}' in checkpoint metadata", path.display()))
-    };
-    if field("format")? != FORMAT {
-        bail!("{}: not a saelab checkpoint", path.display());
-    }
-    let cfg = TrainConfig::from_toml_str(field("config")?).with_context(|| {
-        format!(
-            "{}: bad configuration in checkpoint metadata",
-            path.display()
-        )
-    })?;
-    let d_in = num("d_in")?;
-    let mut sae = TrainSae::new(&cfg, d_in, num("total_steps")?)
-        .with_context(|| format!("{}: configuration in checkpoint metadata", path.display()))?;
+    let what = || format!("{}", dir.join(CHECKPOINT_FILE).display());
+    let mut sae = TrainSae::new(&cfg, d_in, total_steps)
+        .with_context(|| format!("{}: configuration in its metadata", what()))?;
     let built = sae
         .cfg
         .method
         .build(d_in, sae.d_sae, sae.cfg.seed)
-        .with_context(|| format!("{}: building the research method", path.display()))?;
+        .with_context(|| format!("{}: building the research method", what()))?;
     let mut hooks = TrainHooks {
         regularizers: built.regularizers,
         gate: built.gate,
@@ -137,25 +158,10 @@ pub fn restore_checkpoint(dir: &Path) -> Result<(TrainSae, TrainHooks)> {
 /// Restore a checkpoint into `sae` (built from the same resolved config) and `hooks`.
 /// Refuses checkpoints whose configuration or shapes differ.
 pub fn load_checkpoint(dir: &Path, sae: &mut TrainSae, hooks: &mut TrainHooks) -> Result<()> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let md = metadata_of(&bytes, &path)?;
-    let field = |k: &str| {
-        md.get(k)
-            .ok_or_else(|| anyhow!("{}: checkpoint metadata lacks '{k}'", path.display()))
-    };
-    let num = |k: &str| -> Result<u64> {
-        field(k)?
-            .parse::<u64>()
-            .with_context(|| format!("{}: bad '{k}' in checkpoint metadata", path.display()))
-    };
-    if field("format")? != FORMAT {
-        bail!(
-            "{}: not a saelab checkpoint (format {})",
-            path.display(),
-            field("format")?
-        );
-    }
+    let file = CheckpointFile::read(dir)?;
+    let (path, bytes) = (file.path.clone(), &file.bytes[..]);
+    let field = |k: &str| file.field(k);
+    let num = |k: &str| file.num(k);
     let want = sae.cfg.to_toml_string()?;
     if field("config")? != &want {
         bail!(
@@ -172,7 +178,7 @@ pub fn load_checkpoint(dir: &Path, sae: &mut TrainSae, hooks: &mut TrainHooks) -
             sae.d_in
         );
     }
-    let st = SafeTensors::deserialize(&bytes)
+    let st = SafeTensors::deserialize(bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     for t in sae.tensors.iter_mut() {
         let shape = [t.rows, t.cols];
