@@ -9,11 +9,13 @@
 //!   read activations through (a memory-mapped store, an in-memory matrix, or the LM).
 //! - [`assets`]: the cache of the default model and corpora, fetched with pip and npm.
 //! - [`fsutil`]: write-to-temp-then-rename helpers, so no command leaves half a file.
+//! - [`interrupt`]: Ctrl-C / SIGTERM as a request to stop at the next safe point.
 //! - [`malloc`]: keep the training step's large buffers in the heap between steps.
 
 pub mod assets;
 pub mod fsutil;
 pub mod gemm;
+pub mod interrupt;
 pub mod malloc;
 pub mod rng;
 pub mod source;

@@ -150,7 +150,9 @@ fn read_batch(
 /// intervals, a run that would train zero steps, a source too short for one batch,
 /// an output directory holding an SAE when neither `resume` nor `overwrite` is set, a
 /// checkpoint from another configuration, non-finite activations (the row is named),
-/// or a loss that becomes NaN/Inf (the last good checkpoint is kept).
+/// or a loss that becomes NaN/Inf (the last good checkpoint is kept). SIGINT or SIGTERM
+/// during the steps stops at the next step boundary with every checkpoint written, and
+/// returns an error saying so (a resumed run continues bit for bit).
 pub fn train(
     configs: &[TrainConfig],
     source: &mut dyn ActivationSource,
@@ -372,7 +374,14 @@ pub fn train(
             .with_context(|| format!("cannot open {}", dir.join(METRICS_FILE).display()))?;
         metric_files.push(Some(f));
     }
+    // Ctrl-C or SIGTERM stops between steps with every checkpoint written (below).
+    let interrupt = saelab_core::interrupt::Guard::install();
+    let mut interrupted = false;
     while step < stop_at {
+        if saelab_core::interrupt::requested() {
+            interrupted = true;
+            break;
+        }
         let got = read_batch(source, bsz, &mut batch, loop_source)?;
         if got < bsz {
             tracing::warn!("the activation source ended at step {step}; stopping early");
@@ -435,6 +444,7 @@ pub fn train(
         ));
     }
     bar.finish_and_clear();
+    drop(interrupt);
     let wall = t0.elapsed().as_secs_f64();
     let mut out = Vec::new();
     for (i, s) in saes.iter().enumerate() {
@@ -454,6 +464,12 @@ pub fn train(
             normalization_scale: s.scale,
             final_metrics: last[i].clone(),
         });
+    }
+    if interrupted {
+        bail!(
+            "interrupted at step {step} of {max_steps}: every checkpoint is written; \
+             `saelab train --resume` or the same `saelab experiment` command continues"
+        );
     }
     Ok(out)
 }
