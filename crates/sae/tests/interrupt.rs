@@ -14,7 +14,7 @@ use saelab_sae::trainer::TrainHooks;
 use std::path::PathBuf;
 
 /// Changes nothing in training; at the end of step `at` it sends `signal` to this
-/// process with kill(1) and waits until the handler has recorded it.
+/// process with the shell's kill and waits until the handler has recorded it.
 struct Signaller {
     at: usize,
     signal: &'static str,
@@ -38,12 +38,13 @@ impl Regularizer for Signaller {
     }
     fn after_step(&mut self, ctx: &StepContext, _codes: &SparseCodes) -> Result<Vec<u32>> {
         if ctx.step + 1 == self.at {
-            let pid = std::process::id().to_string();
-            let ok = std::process::Command::new("kill")
-                .args([self.signal, &pid])
+            // sh's built-in kill: no procps needed on a minimal CI image.
+            let cmd = format!("kill {} {}", self.signal, std::process::id());
+            let ok = std::process::Command::new("sh")
+                .args(["-c", &cmd])
                 .status()?
                 .success();
-            assert!(ok, "kill {} {pid}", self.signal);
+            assert!(ok, "{cmd}");
             let t = std::time::Instant::now();
             while !saelab_core::interrupt::requested() {
                 assert!(t.elapsed().as_secs() < 10, "the signal never arrived");
