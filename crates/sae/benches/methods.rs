@@ -81,11 +81,7 @@ fn step_overhead(reps: usize, methods: &[(String, MethodConfig)], sweep: bool, w
         let mut plain = TrainSae::new(&cfg, d, 1000).expect("plain model");
         let mut with = TrainSae::new(&cfg, d, 1000).expect("method model");
         let mut none = TrainHooks::default();
-        let built = method.build(d, f, 1).expect("build");
-        let mut hooks = TrainHooks {
-            regularizers: built.regularizers,
-            gate: built.gate,
-        };
+        let mut hooks: TrainHooks = method.build(d, f, 1).expect("build").into();
         let (mut tp, mut tm) = (Vec::new(), Vec::new());
         for s in 0..steps + warmup {
             if s == warmup {

@@ -133,33 +133,27 @@ impl CheckpointFile {
 /// the configuration, input width and planned steps come from its metadata, the research
 /// hooks are rebuilt from the configuration's method and given their saved state.
 pub fn restore_checkpoint(dir: &Path) -> Result<(TrainSae, TrainHooks)> {
-    let (cfg, d_in, total_steps) = {
-        let f = CheckpointFile::read(dir)?;
-        let cfg = TrainConfig::from_toml_str(f.field("config")?)
-            .with_context(|| format!("{}: bad configuration in its metadata", f.path.display()))?;
-        (cfg, f.num("d_in")? as usize, f.num("total_steps")? as usize)
-    };
-    let what = || format!("{}", dir.join(CHECKPOINT_FILE).display());
-    let mut sae = TrainSae::new(&cfg, d_in, total_steps)
+    let file = CheckpointFile::read(dir)?;
+    let what = || format!("{}", file.path.display());
+    let cfg = TrainConfig::from_toml_str(file.field("config")?)
+        .with_context(|| format!("{}: bad configuration in its metadata", what()))?;
+    let d_in = file.num("d_in")? as usize;
+    let mut sae = TrainSae::new(&cfg, d_in, file.num("total_steps")? as usize)
         .with_context(|| format!("{}: configuration in its metadata", what()))?;
-    let built = sae
-        .cfg
-        .method
-        .build(d_in, sae.d_sae, sae.cfg.seed)
-        .with_context(|| format!("{}: building the research method", what()))?;
-    let mut hooks = TrainHooks {
-        regularizers: built.regularizers,
-        gate: built.gate,
-    };
-    load_checkpoint(dir, &mut sae, &mut hooks)?;
+    let mut hooks = TrainHooks::for_config(&sae.cfg, d_in).with_context(what)?;
+    restore_into(&file, &mut sae, &mut hooks)?;
     Ok((sae, hooks))
 }
 
 /// Restore a checkpoint into `sae` (built from the same resolved config) and `hooks`.
 /// Refuses checkpoints whose configuration or shapes differ.
 pub fn load_checkpoint(dir: &Path, sae: &mut TrainSae, hooks: &mut TrainHooks) -> Result<()> {
-    let file = CheckpointFile::read(dir)?;
-    let (path, bytes) = (file.path.clone(), &file.bytes[..]);
+    restore_into(&CheckpointFile::read(dir)?, sae, hooks)
+}
+
+/// [`load_checkpoint`] from a file already read.
+fn restore_into(file: &CheckpointFile, sae: &mut TrainSae, hooks: &mut TrainHooks) -> Result<()> {
+    let (path, bytes) = (&file.path, &file.bytes[..]);
     let field = |k: &str| file.field(k);
     let num = |k: &str| file.num(k);
     let want = sae.cfg.to_toml_string()?;
@@ -182,9 +176,9 @@ pub fn load_checkpoint(dir: &Path, sae: &mut TrainSae, hooks: &mut TrainHooks) -
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     for t in sae.tensors.iter_mut() {
         let shape = [t.rows, t.cols];
-        t.p = get(&st, &path, t.name, &shape)?;
-        t.m = get(&st, &path, &format!("{}.adam_m", t.name), &shape)?;
-        t.v = get(&st, &path, &format!("{}.adam_v", t.name), &shape)?;
+        t.p = get(&st, path, t.name, &shape)?;
+        t.m = get(&st, path, &format!("{}.adam_m", t.name), &shape)?;
+        t.v = get(&st, path, &format!("{}.adam_v", t.name), &shape)?;
         t.g.iter_mut().for_each(|g| *g = 0.0);
     }
     let u64s = |name: &str| -> Result<Vec<u64>> {

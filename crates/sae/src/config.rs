@@ -247,6 +247,12 @@ impl Architecture {
             Architecture::Topk | Architecture::Batchtopk | Architecture::MatryoshkaBatchtopk
         )
     }
+
+    /// Whether a gate (adaptive per-latent thresholds) can stand in for this
+    /// architecture's activation: only a ReLU rule can be replaced by one.
+    pub fn takes_a_gate(self) -> bool {
+        matches!(self, Architecture::Standard | Architecture::StandardApril)
+    }
 }
 
 impl TrainConfig {
@@ -323,12 +329,7 @@ impl TrainConfig {
         }
         self.method.validate(self.d_sae)?;
         if let crate::methods::MethodConfig::SelfCorrecting(m) = &self.method {
-            if m.gate.enabled
-                && !matches!(
-                    self.architecture,
-                    Architecture::Standard | Architecture::StandardApril
-                )
-            {
+            if m.gate.enabled && !self.architecture.takes_a_gate() {
                 bail!(
                     "method self_correcting with its z-score gate needs a ReLU-type architecture (standard or standard_april), not {:?}; set method.gate.enabled = false to use its penalty and reactivation with {:?}",
                     self.architecture,

@@ -181,16 +181,7 @@ pub fn train(
         // Each config's research method (if any) builds its own hooks.
         hooks = configs
             .iter()
-            .map(|c| {
-                let built = c
-                    .method
-                    .build(source.d_in(), c.d_sae, c.seed)
-                    .context("building the research method")?;
-                Ok(TrainHooks {
-                    regularizers: built.regularizers,
-                    gate: built.gate,
-                })
-            })
+            .map(|c| TrainHooks::for_config(c, source.d_in()))
             .collect::<Result<Vec<_>>>()?;
     }
     if hooks.len() != configs.len() {

@@ -9,9 +9,10 @@
 use crate::codes::SparseCodes;
 use crate::config::{Architecture, BDecInit, L0Penalty, TrainConfig};
 use crate::kernels::{self, AdamHyper, Csc};
+use crate::methods::BuiltMethod;
 use crate::model::{InferenceArch, Sae};
 use crate::regularizer::{DecoderGrad, Gate, Regularizer, StepContext};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use saelab_core::gemm::MatRef;
 use saelab_core::rng::Rng;
@@ -62,6 +63,27 @@ pub const B_MAG: usize = 5;
 pub struct TrainHooks {
     pub regularizers: Vec<Box<dyn Regularizer>>,
     pub gate: Option<Box<dyn Gate>>,
+}
+
+impl TrainHooks {
+    /// The hooks of `cfg`'s research method (none for a plain SAE) on inputs of width
+    /// `d_in`: what `train` attaches, and what a checkpoint's hook state restores into.
+    pub fn for_config(cfg: &TrainConfig, d_in: usize) -> Result<TrainHooks> {
+        let built = cfg
+            .method
+            .build(d_in, cfg.d_sae, cfg.seed)
+            .context("building the research method")?;
+        Ok(built.into())
+    }
+}
+
+impl From<BuiltMethod> for TrainHooks {
+    fn from(b: BuiltMethod) -> Self {
+        TrainHooks {
+            regularizers: b.regularizers,
+            gate: b.gate,
+        }
+    }
 }
 
 /// What one step measured (one line of `metrics.jsonl`).
@@ -412,7 +434,7 @@ impl TrainSae {
         } else {
             cfg.encoder_block_rows
         };
-        if gate.is_some() && !matches!(arch, Architecture::Standard | Architecture::StandardApril) {
+        if gate.is_some() && !arch.takes_a_gate() {
             bail!("a gate (adaptive thresholds) replaces the ReLU rule: it needs architecture standard or standard_april, not {arch:?}");
         }
         let mut gate = gate;
@@ -1647,7 +1669,7 @@ impl TrainSae {
                 );
             }
             let arch = self.arch();
-            if !matches!(arch, Architecture::Standard | Architecture::StandardApril) {
+            if !arch.takes_a_gate() {
                 bail!("cannot export the gate: it replaces a ReLU rule, and {arch:?} has none");
             }
         }
