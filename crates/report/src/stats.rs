@@ -54,8 +54,19 @@ pub fn summarize(values: &[f64]) -> Summary {
             ci95: f64::NAN,
         };
     }
-    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
-    let std = var.sqrt();
+    // Values equal up to floating-point rounding (the same metric summed in another
+    // order, ~1e-17 apart) have no spread: otherwise that residue, or the last bit the
+    // mean itself loses, prints as "0.200000 ± 0.000000".
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    let std = if hi - lo <= 1e-12 * lo.abs().max(hi.abs()) {
+        0.0
+    } else {
+        (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt()
+    };
     Summary {
         n,
         mean,
@@ -102,6 +113,19 @@ pub fn format_summary(s: &Summary) -> String {
     if !s.mean.is_finite() {
         return "n/a".into();
     }
+    // A nonzero interval, or a nonzero mean known more precisely than the cap, below the
+    // six-decimal cap would print as 0.000000: scientific notation instead. (A tiny mean
+    // with a wide interval, such as rounding residue of 0.1 - 0.1, prints as 0.00.)
+    let below_cap = |x: f64| x != 0.0 && x.abs() < 0.5e-6;
+    if below_cap(s.ci95) || (below_cap(s.mean) && !(s.ci95 >= 0.5e-6)) {
+        return if s.ci95 == 0.0 {
+            format!("{:.2e} ± 0", s.mean)
+        } else if s.ci95.is_finite() {
+            format!("{:.2e} ± {:.1e}", s.mean, s.ci95)
+        } else {
+            format!("{:.2e} (n={})", s.mean, s.n)
+        };
+    }
     let digits = digits_for(s.mean, s.ci95);
     if s.ci95.is_finite() {
         format!("{:.*} ± {:.*}", digits, s.mean, digits, s.ci95)
@@ -137,6 +161,37 @@ mod tests {
         assert_eq!(one.n, 1);
         assert!(one.ci95.is_nan());
         assert_eq!(format_summary(&one), "5.00 (n=1)");
+    }
+
+    #[test]
+    fn equal_values_have_zero_spread() {
+        // Three copies of a value whose mean is not exactly representable as itself.
+        let x = 0.20000000000000057;
+        let s = summarize(&[x, x, x]);
+        assert_eq!((s.std, s.ci95), (0.0, 0.0));
+        assert_eq!(format_summary(&s), "0.200 ± 0.000");
+        let d = welch_diff(&[x, x, x], &[0.1, 0.1, 0.1]);
+        assert_eq!(d.ci95, 0.0);
+        assert_eq!(format_summary(&d), "0.100 ± 0.000");
+        // The same metric summed in another order: apart by rounding only.
+        let r = summarize(&[
+            0.014930555555555548,
+            0.014930555555555553,
+            0.014930555555555548,
+        ]);
+        assert_eq!(format_summary(&r), "0.0149 ± 0.0000");
+        // A real spread below the six-decimal cap is shown, not printed as zero.
+        let t = summarize(&[1.2e-6, 1.3e-6, 1.1e-6]);
+        assert!(t.ci95 > 0.0 && t.ci95 < 0.5e-6);
+        assert_eq!(format_summary(&t), "1.20e-6 ± 2.5e-7");
+        // A tiny constant (a decayed penalty weight) keeps its digits.
+        let w = summarize(&[6.713e-8, 6.713e-8, 6.713e-8]);
+        assert_eq!(format_summary(&w), "6.71e-8 ± 0");
+        assert_eq!(format_summary(&summarize(&[6.713e-8])), "6.71e-8 (n=1)");
+        // Rounding residue of a zero difference, with a wide interval, stays fixed-point.
+        let z = welch_diff(&[0.1, 0.2, 0.1], &[0.1, 0.1, 0.2 + 1e-16]);
+        assert!(z.mean != 0.0 && z.mean.abs() < 1e-15, "{z:?}");
+        assert_eq!(format_summary(&z), "-0.00 ± 0.13");
     }
 
     #[test]
