@@ -117,7 +117,7 @@ pub fn format_summary(s: &Summary) -> String {
     // six-decimal cap would print as 0.000000: scientific notation instead. (A tiny mean
     // with a wide interval, such as rounding residue of 0.1 - 0.1, prints as 0.00.)
     let below_cap = |x: f64| x != 0.0 && x.abs() < 0.5e-6;
-    if below_cap(s.ci95) || (below_cap(s.mean) && !(s.ci95 >= 0.5e-6)) {
+    if below_cap(s.ci95) || (below_cap(s.mean) && (s.ci95.is_nan() || s.ci95 < 0.5e-6)) {
         return if s.ci95 == 0.0 {
             format!("{:.2e} ± 0", s.mean)
         } else if s.ci95.is_finite() {
