@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn equal_values_have_zero_spread() {
-        // Three copies of a value whose mean is not exactly representable as itself.
+        // Three copies of a value: their computed mean differs from it in the last bit.
         let x = 0.20000000000000057;
         let s = summarize(&[x, x, x]);
         assert_eq!((s.std, s.ci95), (0.0, 0.0));
