@@ -60,7 +60,7 @@ def main():
         print(f"(not in the report: {', '.join(missing)})\n", file=sys.stderr)
     head = "| variant | " + " | ".join(t for _, t in cols) + " |"
     rule = "|---|" + "---:|" * len(cols)
-    for k, title in [(0, "Mean ± 95% interval over seeds:"), (1, "Difference to the baseline (± Welch 95% interval):")]:
+    for k, title in [(0, "Mean ± 95% interval over seeds:"), (1, "Difference to the baseline (± 95% interval, as the report computes it):")]:
         print(title + "\n\n" + head + "\n" + rule)
         for v in order:
             row = [table[m].get(v, ("—", "—"))[k] for m, _ in cols]

@@ -6,7 +6,7 @@ use saelab_report::evalsetup::SuiteEvaluator;
 use saelab_report::plan::Plan;
 use saelab_report::results::load_records;
 use saelab_report::runner::{run_plan, write_run_report, RunOptions};
-use saelab_report::stats::{format_summary, summarize, welch_diff};
+use saelab_report::stats::{format_diff, format_summary, seed_diff, summarize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -127,7 +127,10 @@ pub fn report(a: ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn metrics_by_variant(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, Vec<f64>>>> {
+/// variant -> metric -> `(seed, value)` for every finished seed.
+type SeedValues = BTreeMap<String, BTreeMap<String, Vec<(u64, f64)>>>;
+
+fn metrics_by_variant(run: &Path) -> Result<SeedValues> {
     let records = load_records(run)?;
     if records.is_empty() {
         bail!(
@@ -135,21 +138,22 @@ fn metrics_by_variant(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, Ve
             run.display()
         );
     }
-    let mut out: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut out: SeedValues = BTreeMap::new();
     for r in &records {
         for (k, v) in r.flat_metrics() {
             out.entry(r.variant.clone())
                 .or_default()
                 .entry(k)
                 .or_default()
-                .push(v);
+                .push((r.seed, v));
         }
     }
     Ok(out)
 }
 
 /// Print, per variant present in both runs, each metric in A and B and the difference
-/// B - A with a Welch 95% interval; write the same as compare.md + plots into RUN_B.
+/// B - A with its 95% interval (paired over seeds when both runs have the same seeds,
+/// Welch otherwise); write the same as compare.md into RUN_B.
 pub fn compare(a: CompareArgs) -> Result<()> {
     let ma = metrics_by_variant(&a.run_a)?;
     let mb = metrics_by_variant(&a.run_b)?;
@@ -164,7 +168,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         );
     }
     let mut md = format!(
-        "# saelab compare\n\nA = `{}`, B = `{}`; mean ± 95% interval over seeds; Δ = B − A (Welch).\n\n",
+        "# saelab compare\n\nA = `{}`, B = `{}`; mean ± 95% interval over seeds; Δ = B − A, paired over seeds when both runs have the same seeds (a seed fixes the initialisation and the batch order), else Welch (marked).\n\n",
         a.run_a.display(),
         a.run_b.display()
     );
@@ -182,14 +186,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
             }
             let empty = Vec::new();
             let (va, vb) = (xa.get(k).unwrap_or(&empty), xb.get(k).unwrap_or(&empty));
+            let values = |xs: &[(u64, f64)]| xs.iter().map(|&(_, x)| x).collect::<Vec<_>>();
             let (sa, sb) = (
-                format_summary(&summarize(va)),
-                format_summary(&summarize(vb)),
+                format_summary(&summarize(&values(va))),
+                format_summary(&summarize(&values(vb))),
             );
             let d = if va.is_empty() || vb.is_empty() {
                 "n/a".to_string()
             } else {
-                format_summary(&welch_diff(vb, va))
+                format_diff(seed_diff(vb, va))
             };
             println!("{k:<64} {sa:>18} {sb:>18} {d:>20}");
             md.push_str(&format!("| {k} | {sa} | {sb} | {d} |\n"));
@@ -205,6 +210,62 @@ pub fn compare(a: CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run directory holding only summary.json files: `train.fvu` per variant and seed.
+    fn fake_run(dir: &Path, rows: &[(&str, u64, f64)]) {
+        for &(variant, seed, fvu) in rows {
+            let d = dir.join(format!("variants/{variant}/seed-{seed}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let summary = serde_json::json!({"variant": variant, "seed": seed, "steps": 10, "final": {"fvu": fvu}});
+            std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+        }
+    }
+
+    #[test]
+    fn compare_pairs_seeds_and_marks_welch() {
+        let root = std::env::temp_dir().join(format!("saelab-compare-{}", std::process::id()));
+        let (a, b) = (root.join("a"), root.join("b"));
+        // topk: same seeds, B - A = 0.010, 0.012, 0.011 per seed (paired mean 0.011,
+        // half-width 4.303 * 0.001 / sqrt(3) = 0.0025); the seeds' own spread (1.0) would
+        // swamp a Welch interval. relu: seeds 0, 1 in A and 1, 2 in B -> Welch (variances
+        // 0.005, 2 degrees of freedom: 4.303 * sqrt(0.005)), marked.
+        fake_run(
+            &a,
+            &[
+                ("topk", 0, 0.5),
+                ("topk", 1, 1.5),
+                ("topk", 2, 2.5),
+                ("relu", 0, 0.2),
+                ("relu", 1, 0.3),
+            ],
+        );
+        fake_run(
+            &b,
+            &[
+                ("topk", 0, 0.51),
+                ("topk", 1, 1.512),
+                ("topk", 2, 2.511),
+                ("relu", 1, 0.25),
+                ("relu", 2, 0.35),
+            ],
+        );
+        compare(CompareArgs {
+            run_a: a,
+            run_b: b.clone(),
+            filter: Some("fvu".into()),
+        })
+        .unwrap();
+        let md = std::fs::read_to_string(b.join("compare.md")).unwrap();
+        assert!(
+            md.contains("| train.fvu | 1.5 ± 2.5 | 1.5 ± 2.5 | +0.0110 ± 0.0025 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| train.fvu | 0.25 ± 0.64 | 0.30 ± 0.64 | +0.05 ± 0.30 (Welch) |"),
+            "{md}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn the_bf16_quickstart_differs_only_in_precision_and_name() {

@@ -5,7 +5,8 @@
 //! - [`results`]: the run-directory layout and the records read back from it.
 //! - [`report`]: report.html / report.md with tables and plots from stored results.
 //! - [`runner`]: `saelab experiment`: cache once, train variants x seeds, evaluate, report.
-//! - [`stats`]: means and 95% intervals over seeds, Welch differences to a baseline.
+//! - [`stats`]: means and 95% intervals over seeds, differences to a baseline (paired over
+//!   seeds, Welch when the seeds differ).
 //! - [`plots`]: SVG charts rendered in-process (plotters).
 
 pub mod evalsetup;

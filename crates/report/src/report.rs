@@ -9,7 +9,7 @@
 
 use crate::plots::{html_escape, line_chart, scatter_errors, ErrPoint, Series};
 use crate::results::SeedRecord;
-use crate::stats::{format_summary, summarize, welch_diff};
+use crate::stats::{format_diff, format_summary, seed_diff, summarize};
 use anyhow::Result;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,10 +83,18 @@ fn ordered_variants(input: &ReportInput) -> Vec<String> {
 }
 
 fn values(records: &[SeedRecord], variant: &str, key: &str) -> Vec<f64> {
+    values_by_seed(records, variant, key)
+        .into_iter()
+        .map(|(_, x)| x)
+        .collect()
+}
+
+/// `(seed, value)` of one metric for every seed of a variant that has it.
+fn values_by_seed(records: &[SeedRecord], variant: &str, key: &str) -> Vec<(u64, f64)> {
     records
         .iter()
         .filter(|r| r.variant == variant)
-        .filter_map(|r| r.flat_metrics().get(key).copied())
+        .filter_map(|r| r.flat_metrics().get(key).map(|&x| (r.seed, x)))
         .collect()
 }
 
@@ -111,22 +119,16 @@ fn metric_table(input: &ReportInput, variants: &[String], keys: &[String]) -> (S
         let _ = write!(md, "| {v} |");
         let _ = write!(html, "<tr><td>{}</td>", html_escape(v));
         for k in keys {
-            let x = values(input.records, v, k);
-            let s = summarize(&x);
+            let x = values_by_seed(input.records, v, k);
+            let s = summarize(&x.iter().map(|&(_, x)| x).collect::<Vec<_>>());
             let diff = if v == &input.baseline {
                 "—".to_string()
             } else {
-                let b = values(input.records, &input.baseline, k);
+                let b = values_by_seed(input.records, &input.baseline, k);
                 if b.is_empty() || x.is_empty() {
                     "n/a".into()
                 } else {
-                    let d = welch_diff(&x, &b);
-                    let f = format_summary(&d);
-                    if d.mean >= 0.0 && d.mean.is_finite() {
-                        format!("+{f}")
-                    } else {
-                        f
-                    }
+                    format_diff(seed_diff(&x, &b))
                 }
             };
             let _ = write!(md, " {} | {} |", format_summary(&s), diff);
@@ -539,7 +541,7 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
         .collect();
     let mut head = Section::new(
         "Headline metrics",
-        "Mean ± 95% confidence interval over seeds (Student t), and the difference to the baseline with a Welch 95% interval. With one seed no interval exists and n=1 is shown.",
+        "Mean ± 95% confidence interval over seeds (Student t), and the difference to the baseline with its 95% interval: paired over seeds (mean and Student t interval of the per-seed differences; a seed fixes the initialisation and the batch order of every variant in a run) when both variants have the same seeds, otherwise a Welch interval, marked (Welch). With one seed no interval exists and n=1 is shown.",
     );
     for chunk in headline.chunks(3) {
         let (md, html) = metric_table(input, &variants, chunk);
@@ -691,6 +693,8 @@ mod tests {
             record("topk", 1, 0.82, 100, 0.01),
             record("ortho", 0, 0.85, 100, 0.9),
             record("ortho", 1, 0.86, 0, 0.01),
+            record("static", 0, 0.84, 100, 0.01),
+            record("static", 2, 0.86, 100, 0.01),
         ];
         let input = ReportInput {
             title: "test run".into(),
@@ -716,9 +720,12 @@ mod tests {
         }
         assert!(md.contains("ZERO STEPS"));
         assert!(md.contains("dead fraction 0.900 > 0.5"));
-        // topk EV = mean(0.80, 0.82) = 0.81; ortho - topk = 0.855 - 0.81 = 0.045, Welch CI 0.14
+        // topk EV = mean(0.80, 0.82) = 0.81; ortho - topk over seeds 0 and 1: per-seed
+        // differences 0.05 and 0.04, paired mean 0.045, half-width 12.706 * 0.00707 / sqrt(2)
         assert!(md.contains("0.81"), "{md}");
-        assert!(md.contains("+0.04 ± 0.14"), "{md}");
+        assert!(md.contains("+0.045 ± 0.064 |"), "{md}");
+        // static has seeds 0 and 2: Welch, 0.85 - 0.81, half-width 4.303 * sqrt(2e-4), marked
+        assert!(md.contains("+0.040 ± 0.061 (Welch)"), "{md}");
         assert!(html.matches("<svg").count() >= 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,6 +1,10 @@
 //! Statistics over seeds: means with 95% confidence intervals (Student t), and the
-//! difference of two variants' means with a Welch interval. With one seed there is no
-//! interval: it is reported as missing, never as zero width.
+//! difference of two variants' means: paired over seeds when both have the same seeds
+//! (in one run a seed fixes the initialisation and the batch order, so the per-seed
+//! differences remove what the seeds share), a Welch interval otherwise. With one seed
+//! there is no interval: it is reported as missing, never as zero width.
+
+use std::collections::BTreeMap;
 
 /// Two-sided 97.5% quantiles of Student's t for 1..=30 degrees of freedom.
 const T975: [f64; 30] = [
@@ -108,6 +112,49 @@ pub fn welch_diff(a: &[f64], b: &[f64]) -> Summary {
     }
 }
 
+/// How [`seed_diff`] compared two sets of per-seed values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffMethod {
+    /// Mean and Student t interval of the per-seed differences (same seeds on both sides).
+    Paired,
+    /// Difference of the means with a Welch interval (the seeds differ).
+    Welch,
+}
+
+/// Difference `a - b` of two variants' per-seed values `(seed, value)`: paired when both
+/// have finite values for the same two or more seeds, Welch otherwise. The rule depends
+/// only on which seeds exist, never on the values.
+pub fn seed_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> (Summary, DiffMethod) {
+    let finite = |xs: &[(u64, f64)]| -> BTreeMap<u64, f64> {
+        xs.iter().filter(|(_, x)| x.is_finite()).copied().collect()
+    };
+    let (ma, mb) = (finite(a), finite(b));
+    let same_seeds = ma.len() == a.len() && mb.len() == b.len() && ma.keys().eq(mb.keys());
+    if same_seeds && ma.len() >= 2 {
+        let d: Vec<f64> = ma.iter().map(|(s, x)| x - mb[s]).collect();
+        (summarize(&d), DiffMethod::Paired)
+    } else {
+        let v = |m: &BTreeMap<u64, f64>| m.values().copied().collect::<Vec<_>>();
+        (welch_diff(&v(&ma), &v(&mb)), DiffMethod::Welch)
+    }
+}
+
+/// A difference cell: "+0.012 ± 0.004", signed; Welch ones are marked "(Welch)" so a table
+/// that mixes both says which is which.
+pub fn format_diff((d, method): (Summary, DiffMethod)) -> String {
+    let f = format_summary(&d);
+    let f = if d.mean >= 0.0 && d.mean.is_finite() {
+        format!("+{f}")
+    } else {
+        f
+    };
+    match method {
+        DiffMethod::Paired => f,
+        DiffMethod::Welch if d.ci95.is_finite() => format!("{f} (Welch)"),
+        DiffMethod::Welch => f,
+    }
+}
+
 /// "0.812 ± 0.004" with a sensible number of digits; "0.812 (1 seed)" without interval.
 pub fn format_summary(s: &Summary) -> String {
     if !s.mean.is_finite() {
@@ -192,6 +239,31 @@ mod tests {
         let z = welch_diff(&[0.1, 0.2, 0.1], &[0.1, 0.1, 0.2 + 1e-16]);
         assert!(z.mean != 0.0 && z.mean.abs() < 1e-15, "{z:?}");
         assert_eq!(format_summary(&z), "-0.00 ± 0.13");
+    }
+
+    #[test]
+    fn paired_over_the_same_seeds_welch_otherwise() {
+        // Per-seed differences 0.10, 0.12, 0.11: paired mean 0.11, sd 0.01,
+        // half-width 4.303 * 0.01 / sqrt(3); the seeds' shared offsets cancel.
+        let b = [(0, 1.0), (1, 2.0), (2, 3.0)];
+        let a = [(2, 3.11), (0, 1.10), (1, 2.12)];
+        let (d, m) = seed_diff(&a, &b);
+        assert_eq!(m, DiffMethod::Paired);
+        assert!((d.mean - 0.11).abs() < 1e-12);
+        assert!((d.ci95 - 4.303 * 0.01 / 3f64.sqrt()).abs() < 1e-9, "{d:?}");
+        // Welch on the same values would not resolve it (the seeds' spread dominates).
+        assert!(welch_diff(&[1.10, 2.12, 3.11], &[1.0, 2.0, 3.0]).ci95 > 1.0);
+        assert_eq!(format_diff((d, m)), "+0.110 ± 0.025");
+        // Another seed set, or a missing value, falls back to Welch, marked as such.
+        let (w, m) = seed_diff(&[(0, 1.1), (1, 2.1), (3, 3.1)], &b);
+        assert_eq!(m, DiffMethod::Welch);
+        assert_eq!(w, welch_diff(&[1.1, 2.1, 3.1], &[1.0, 2.0, 3.0]));
+        assert!(format_diff((w, m)).ends_with(" (Welch)"));
+        let (_, m) = seed_diff(&[(0, 1.1), (1, f64::NAN), (2, 3.1)], &b);
+        assert_eq!(m, DiffMethod::Welch);
+        // One seed each: no interval, no marker.
+        let (one, m) = seed_diff(&[(0, 1.5)], &[(0, 1.0)]);
+        assert_eq!(format_diff((one, m)), "+0.500 (n=1)");
     }
 
     #[test]
