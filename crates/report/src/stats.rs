@@ -122,8 +122,8 @@ pub enum DiffMethod {
 }
 
 /// Difference `a - b` of two variants' per-seed values `(seed, value)`: paired when both
-/// have finite values for the same two or more seeds, Welch otherwise. The rule depends
-/// only on which seeds exist, never on the values.
+/// have finite values for the same two or more seeds, Welch otherwise. The choice depends
+/// only on which seeds have a value, never on what the values are.
 pub fn seed_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> (Summary, DiffMethod) {
     let finite = |xs: &[(u64, f64)]| -> BTreeMap<u64, f64> {
         xs.iter().filter(|(_, x)| x.is_finite()).copied().collect()
