@@ -4,6 +4,7 @@
 //! Each subcommand lives in its own module and only parses arguments and calls the
 //! library crates; no numerics live here.
 
+mod browse;
 mod cache;
 mod eval;
 mod experiment;
@@ -53,6 +54,9 @@ enum Command {
     Report(experiment::ReportArgs),
     /// Print (and write RUN_B/compare.md) the differences between two runs.
     Compare(experiment::CompareArgs),
+    /// Feature browser: each latent's top-activating tokens of an activation store, in
+    /// context, as one browser.html that opens from disk (and features.json).
+    Browse(browse::BrowseArgs),
 }
 
 fn main() {
@@ -83,5 +87,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quickstart(a) => experiment::quickstart(a),
         Command::Report(a) => experiment::report(a),
         Command::Compare(a) => experiment::compare(a),
+        Command::Browse(a) => browse::run(a),
     }
 }

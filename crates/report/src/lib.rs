@@ -8,7 +8,9 @@
 //! - [`stats`]: means and 95% intervals over seeds, differences to a baseline (paired over
 //!   seeds, Welch when the seeds differ).
 //! - [`plots`]: SVG charts rendered in-process (plotters).
+//! - [`browser`]: the feature browser (top-activating tokens per latent, in context).
 
+pub mod browser;
 pub mod evalsetup;
 pub mod plan;
 pub mod plots;

@@ -1,0 +1,533 @@
+//! Feature browser: for every latent of an SAE, the tokens of an activation store that
+//! activate it most, each with its context and the latent's activation on every context
+//! token. Written as `browser.html` (one self-contained file that opens from disk: the
+//! latents listed by firing density, a click shows a latent's examples) and
+//! `features.json` (the same data for Python).
+//!
+//! Every number comes from the store and the SAE. The scan encodes the store's first
+//! `max_rows` rows with the SAE's own `encode` and keeps, per latent, the number of rows
+//! it fires on, the sum of its activations and its `examples` largest activations (ties:
+//! the earlier row). Context comes from the store's token and position files: the rows
+//! just before and after an example that lie in the same context window of the packed
+//! stream (filtered rows, such as BOS, are absent). The context rows are encoded too,
+//! so the activation shown on a context token is the SAE's, not an estimate.
+
+use anyhow::{bail, Context, Result};
+use saelab_data::store::ActivationStore;
+use saelab_sae::Sae;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What to scan and how much to keep.
+#[derive(Clone, Debug)]
+pub struct BrowseOptions {
+    /// Rows of the store to scan (from the start; capped at the store's size).
+    pub max_rows: u64,
+    /// Top examples kept per latent.
+    pub examples: usize,
+    /// Context tokens shown before and after an example's token.
+    pub before: usize,
+    pub after: usize,
+}
+
+impl Default for BrowseOptions {
+    fn default() -> Self {
+        BrowseOptions {
+            max_rows: 250_000,
+            examples: 12,
+            before: 12,
+            after: 4,
+        }
+    }
+}
+
+/// One top-activating token with its context.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Example {
+    /// Store row of the token.
+    pub row: u64,
+    /// The latent's activation on it.
+    pub value: f32,
+    /// Token ids of the context, the example's token at `focus`.
+    pub tokens: Vec<u32>,
+    /// The latent's activation on each context token (0 where it does not fire).
+    pub acts: Vec<f32>,
+    pub focus: usize,
+}
+
+/// One latent's statistics over the scanned rows and its top examples (largest first).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Feature {
+    pub id: usize,
+    /// Rows on which the latent is nonzero.
+    pub fires: u64,
+    /// Mean activation over the rows it fires on (0 if it never fires).
+    pub mean_active: f64,
+    pub examples: Vec<Example>,
+}
+
+/// Per-latent top-k of `(value, row)`: strictly larger values enter, so among equal
+/// values the earlier row stays; `floor` is the smallest kept value once full.
+struct TopK {
+    k: usize,
+    kept: Vec<Vec<(f32, u64)>>,
+    floor: Vec<f32>,
+}
+
+impl TopK {
+    fn new(d_sae: usize, k: usize) -> Self {
+        TopK {
+            k,
+            kept: vec![Vec::with_capacity(k); d_sae],
+            floor: vec![f32::NEG_INFINITY; d_sae],
+        }
+    }
+
+    fn offer(&mut self, latent: usize, value: f32, row: u64) {
+        if self.k == 0 || value <= self.floor[latent] {
+            return;
+        }
+        let kept = &mut self.kept[latent];
+        if kept.len() < self.k {
+            kept.push((value, row));
+        } else {
+            // Replace the smallest; among equal smallest, the latest row goes.
+            let (i, _) = kept
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0).then(b.1 .1.cmp(&a.1 .1)))
+                .expect("k > 0");
+            kept[i] = (value, row);
+        }
+        if kept.len() == self.k {
+            self.floor[latent] = kept.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
+        }
+    }
+}
+
+/// Scan the store and build every latent's statistics and top examples.
+/// `progress(rows_done)` is called after each block of rows.
+pub fn browse(
+    store: &ActivationStore,
+    sae: &Sae,
+    opts: &BrowseOptions,
+    progress: &dyn Fn(u64),
+) -> Result<(u64, Vec<Feature>)> {
+    let d = store.d_model();
+    if d != sae.d_in {
+        bail!(
+            "the SAE reads {} dimensions but the store {} holds {d}",
+            sae.d_in,
+            store.dir().display()
+        );
+    }
+    let rows = opts.max_rows.min(store.rows());
+    if rows == 0 {
+        bail!("{}: no activation rows to scan", store.dir().display());
+    }
+    const BLOCK: u64 = 4096;
+    let f = sae.d_sae;
+    let mut top = TopK::new(f, opts.examples);
+    let mut fires = vec![0u64; f];
+    let mut sums = vec![0f64; f];
+    let mut x = Vec::new();
+    let mut start = 0u64;
+    while start < rows {
+        let n = BLOCK.min(rows - start);
+        x.resize(n as usize * d, 0.0);
+        store.read_rows(start, &mut x);
+        let codes = sae.encode(&x, n as usize);
+        for r in 0..n as usize {
+            let (lo, hi) = (codes.offsets[r], codes.offsets[r + 1]);
+            for (&l, &v) in codes.idx[lo..hi].iter().zip(&codes.val[lo..hi]) {
+                if v != 0.0 {
+                    let l = l as usize;
+                    fires[l] += 1;
+                    sums[l] += v as f64;
+                    top.offer(l, v, start + r as u64);
+                }
+            }
+        }
+        start += n;
+        progress(start);
+    }
+
+    // Context rows of every example, and which latents each needs the activation of.
+    let ctx_len = store.manifest().ctx_len as u64;
+    let window = |row: u64| -> Vec<u64> {
+        let p = store.position(row);
+        let same_window = |j: u64| {
+            let q = store.position(j);
+            q / ctx_len == p / ctx_len && q + opts.before as u64 >= p && q <= p + opts.after as u64
+        };
+        let mut w: Vec<u64> = (0..row).rev().take_while(|&j| same_window(j)).collect();
+        w.reverse();
+        w.push(row);
+        w.extend((row + 1..store.rows()).take_while(|&j| same_window(j)));
+        w
+    };
+    let mut needed: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let mut layout: Vec<Vec<(f32, u64, Vec<u64>)>> = Vec::with_capacity(f);
+    for (l, kept) in top.kept.iter_mut().enumerate() {
+        kept.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut ex = Vec::with_capacity(kept.len());
+        for &(v, row) in kept.iter() {
+            let w = window(row);
+            for &j in &w {
+                needed.entry(j).or_default().push(l as u32);
+            }
+            ex.push((v, row, w));
+        }
+        layout.push(ex);
+    }
+    let acts = activations_at(store, sae, &needed);
+
+    let features = layout
+        .into_iter()
+        .enumerate()
+        .map(|(l, ex)| Feature {
+            id: l,
+            fires: fires[l],
+            mean_active: if fires[l] > 0 {
+                sums[l] / fires[l] as f64
+            } else {
+                0.0
+            },
+            examples: ex
+                .into_iter()
+                .map(|(value, row, w)| Example {
+                    row,
+                    value,
+                    focus: w
+                        .iter()
+                        .position(|&j| j == row)
+                        .expect("row is in its window"),
+                    tokens: w.iter().map(|&j| store.token(j)).collect(),
+                    acts: w.iter().map(|&j| acts[&(j, l as u32)]).collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok((rows, features))
+}
+
+/// The SAE's activation of each needed latent at each needed row, by encoding those rows.
+fn activations_at(
+    store: &ActivationStore,
+    sae: &Sae,
+    needed: &BTreeMap<u64, Vec<u32>>,
+) -> BTreeMap<(u64, u32), f32> {
+    let d = store.d_model();
+    let rows: Vec<u64> = needed.keys().copied().collect();
+    let mut out = BTreeMap::new();
+    let mut x = Vec::new();
+    for chunk in rows.chunks(4096) {
+        x.resize(chunk.len() * d, 0.0);
+        for (i, &j) in chunk.iter().enumerate() {
+            store.read_row(j, &mut x[i * d..(i + 1) * d]);
+        }
+        let codes = sae.encode(&x, chunk.len());
+        for (i, &j) in chunk.iter().enumerate() {
+            let (lo, hi) = (codes.offsets[i], codes.offsets[i + 1]);
+            let idx = &codes.idx[lo..hi];
+            for &l in &needed[&j] {
+                // Indices within a row are ascending (`Sae::encode`).
+                let v = idx.binary_search(&l).map_or(0.0, |p| codes.val[lo + p]);
+                out.insert((j, l), v);
+            }
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct BrowserData<'a> {
+    sae: String,
+    store: String,
+    model: &'a str,
+    hook: &'a str,
+    rows_scanned: u64,
+    /// Token id -> its text, for every token in an example.
+    vocab: BTreeMap<u32, String>,
+    features: &'a [Feature],
+}
+
+/// Write `browser.html` and `features.json` into `out` (each atomically).
+/// `token_text` gives the text of a token id (the model's tokenizer).
+pub fn write_browser(
+    out: &Path,
+    sae_dir: &Path,
+    store: &ActivationStore,
+    rows_scanned: u64,
+    features: &[Feature],
+    token_text: &dyn Fn(u32) -> String,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut vocab = BTreeMap::new();
+    for t in features
+        .iter()
+        .flat_map(|f| &f.examples)
+        .flat_map(|e| &e.tokens)
+    {
+        vocab.entry(*t).or_insert_with(|| token_text(*t));
+    }
+    let m = store.manifest();
+    let data = BrowserData {
+        sae: sae_dir.display().to_string(),
+        store: store.dir().display().to_string(),
+        model: &m.model,
+        hook: &m.hook,
+        rows_scanned,
+        vocab,
+        features,
+    };
+    let json = serde_json::to_string(&data)?;
+    saelab_core::fsutil::write_atomic(&out.join("features.json"), json.as_bytes())?;
+    // Inside <script>, "</" would end the element early: JSON allows "<\/".
+    let html = BROWSER_HTML.replace("__DATA__", &json.replace("</", "<\\/"));
+    saelab_core::fsutil::write_atomic(&out.join("browser.html"), html.as_bytes())?;
+    Ok(())
+}
+
+const BROWSER_HTML: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>saelab feature browser</title>
+<style>
+body{font-family:sans-serif;margin:0;display:flex;height:100vh}
+#list{width:34%;overflow:auto;border-right:1px solid #ccc;font-size:13px}
+#main{flex:1;overflow:auto;padding:12px 18px}
+table{border-collapse:collapse;width:100%}
+td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:left}
+tr.f:hover{background:#eef;cursor:pointer}
+.ex{font-family:monospace;white-space:pre-wrap;margin:6px 0;padding:4px;border:1px solid #eee;line-height:1.7}
+.tok{border-radius:2px}
+.focus{outline:1px solid #c00}
+#head{padding:8px;position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc}
+small{color:#666}
+</style></head><body>
+<div id="list"><div id="head"><b>saelab feature browser</b><br><small id="meta"></small><br>
+latent <input id="q" size="6" placeholder="id"> <label><input type="checkbox" id="dead"> show dead</label></div>
+<table id="t"><thead><tr><th>latent</th><th>density</th><th>max</th><th>top tokens</th></tr></thead><tbody></tbody></table></div>
+<div id="main"><p>Click a latent (or open browser.html#ID). Each example is a token of the activation store with its context; the shade of a
+token is this latent's activation on it relative to the latent's largest, the outlined token is the example.</p></div>
+<script>
+const DATA = __DATA__;
+const V = DATA.vocab, N = DATA.rows_scanned;
+document.getElementById('meta').textContent =
+  `${DATA.model} · ${DATA.hook} · ${N} rows scanned · SAE ${DATA.sae}`;
+function tok(t){ return V[t] ?? ('#' + t); }
+function fmt(x){ return x >= 100 ? x.toFixed(0) : x.toPrecision(3); }
+const order = DATA.features.slice().sort((a, b) => b.fires - a.fires || a.id - b.id);
+function row(f){
+  const tr = document.createElement('tr'); tr.className = 'f';
+  const max = f.examples.length ? f.examples[0].value : 0;
+  const top = [...new Set(f.examples.slice(0, 4).map(e => JSON.stringify(tok(e.tokens[e.focus]))))].join(' ');
+  for (const c of [f.id, (100 * f.fires / N).toPrecision(3) + '%', f.fires ? fmt(max) : '—', top]) {
+    const td = document.createElement('td'); td.textContent = c; tr.appendChild(td);
+  }
+  tr.onclick = () => { location.hash = f.id; }; return tr;
+}
+function list(){
+  const tb = document.querySelector('#t tbody'); tb.textContent = '';
+  const q = document.getElementById('q').value.trim(), dead = document.getElementById('dead').checked;
+  for (const f of order) {
+    if (q !== '' && String(f.id) !== q) continue;
+    if (!dead && f.fires === 0) continue;
+    tb.appendChild(row(f));
+  }
+}
+function show(f){
+  const m = document.getElementById('main'); m.textContent = '';
+  const h = document.createElement('h2'); h.textContent = `latent ${f.id}`; m.appendChild(h);
+  const p = document.createElement('p');
+  p.textContent = `fires on ${f.fires} of ${N} rows (${(100 * f.fires / N).toPrecision(3)}%), mean activation when firing ${fmt(f.mean_active)}`;
+  m.appendChild(p);
+  const max = f.examples.length ? f.examples[0].value : 1;
+  for (const e of f.examples) {
+    const div = document.createElement('div'); div.className = 'ex';
+    const v = document.createElement('small'); v.textContent = fmt(e.value) + '  '; div.appendChild(v);
+    e.tokens.forEach((t, i) => {
+      const s = document.createElement('span'); s.className = 'tok' + (i === e.focus ? ' focus' : '');
+      s.textContent = tok(t);
+      const a = Math.max(0, e.acts[i]) / max;
+      if (a > 0) s.style.background = `rgba(255,120,0,${(0.15 + 0.85 * a).toFixed(3)})`;
+      s.title = `activation ${fmt(e.acts[i])}`;
+      div.appendChild(s);
+    });
+    m.appendChild(div);
+  }
+}
+document.getElementById('q').oninput = list;
+document.getElementById('dead').onchange = list;
+// browser.html#ID opens latent ID (links to a latent can be shared).
+function fromHash(){ const f = DATA.features[Number(location.hash.slice(1))]; if (location.hash && f) show(f); }
+window.onhashchange = fromHash;
+list(); fromHash();
+</script></body></html>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saelab_core::rng::Rng;
+    use saelab_data::store::{Dtype, Skip, StoreSpec, StoreWriter};
+    use saelab_sae::model::{InferenceArch, SaeMetadata};
+
+    /// A store of `n` random rows over a stream whose every 8th position is a skipped
+    /// "BOS" (so context windows have gaps), tokens = position % 50.
+    fn store(dir: &Path, d: usize, n: usize, rng: &mut Rng) -> ActivationStore {
+        let spec = StoreSpec {
+            model: "test-model".into(),
+            hook: "blocks.0.hook_resid_post".into(),
+            d_model: d,
+            dtype: Dtype::F32,
+            ctx_len: 16,
+            shard_rows: 64,
+            dropped_token_ids: vec![],
+            norm_outlier_factor: None,
+            source: serde_json::json!({"dataset": "synthetic"}),
+        };
+        let mut w = StoreWriter::open(dir, spec).unwrap();
+        let mut pos = 0u64;
+        let mut kept = 0;
+        while kept < n {
+            if pos.is_multiple_of(8) {
+                w.skip(Skip::Special);
+            } else {
+                let row: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+                w.push(&row, (pos % 50) as u32).unwrap();
+                kept += 1;
+            }
+            pos += 1;
+        }
+        w.finish().unwrap();
+        ActivationStore::open(dir).unwrap()
+    }
+
+    fn sae(arch: InferenceArch, d: usize, f: usize, k: usize, rng: &mut Rng) -> Sae {
+        let mut r = |n: usize, s: f32| (0..n).map(|_| rng.normal() * s).collect::<Vec<_>>();
+        Sae {
+            arch,
+            d_in: d,
+            d_sae: f,
+            k,
+            apply_b_dec_to_input: true,
+            w_enc: r(d * f, 0.3),
+            b_enc: r(f, 0.2),
+            w_dec: r(f * d, 0.3),
+            b_dec: r(d, 0.1),
+            threshold: None,
+            b_gate: None,
+            r_mag: None,
+            b_mag: None,
+            metadata: SaeMetadata::default(),
+        }
+    }
+
+    /// Dense reference: every row's code, per latent all (value, row), sorted.
+    fn reference(
+        store: &ActivationStore,
+        sae: &Sae,
+        rows: u64,
+        k: usize,
+    ) -> Vec<(u64, Vec<(f32, u64)>)> {
+        let d = store.d_model();
+        let mut x = vec![0.0; rows as usize * d];
+        store.read_rows(0, &mut x);
+        let codes = sae.encode(&x, rows as usize);
+        let mut all: Vec<Vec<(f32, u64)>> = vec![Vec::new(); sae.d_sae];
+        for r in 0..rows as usize {
+            for p in codes.offsets[r]..codes.offsets[r + 1] {
+                if codes.val[p] != 0.0 {
+                    all[codes.idx[p] as usize].push((codes.val[p], r as u64));
+                }
+            }
+        }
+        all.into_iter()
+            .map(|mut v| {
+                let fires = v.len() as u64;
+                v.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                v.truncate(k);
+                (fires, v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn top_examples_and_context_match_a_dense_scan() {
+        let dir = std::env::temp_dir().join(format!("saelab-browser-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut rng = Rng::new(7);
+        let (d, f, n) = (8, 24, 9000);
+        let st = store(&dir.join("store"), d, n, &mut rng);
+        for arch in [InferenceArch::Topk, InferenceArch::Standard] {
+            let s = sae(arch, d, f, 3, &mut rng);
+            // More rows than one scan block, fewer than the store: the cap applies.
+            let opts = BrowseOptions {
+                max_rows: 8500,
+                examples: 5,
+                before: 4,
+                after: 2,
+            };
+            let (rows, feats) = browse(&st, &s, &opts, &|_| {}).unwrap();
+            assert_eq!(rows, 8500);
+            let want = reference(&st, &s, rows, opts.examples);
+            assert!(
+                want.iter().any(|(fires, _)| *fires > 5),
+                "some latent fires often"
+            );
+            for (feat, (fires, top)) in feats.iter().zip(&want) {
+                assert_eq!(feat.fires, *fires, "latent {}", feat.id);
+                let got: Vec<(f32, u64)> = feat.examples.iter().map(|e| (e.value, e.row)).collect();
+                assert_eq!(&got, top, "latent {}", feat.id);
+                for e in &feat.examples {
+                    // The focus token is the example's; the context is the stream around
+                    // it inside one 16-token window, BOS positions absent.
+                    let p = st.position(e.row);
+                    assert_eq!(e.tokens[e.focus], st.token(e.row));
+                    assert_eq!(e.acts[e.focus], e.value);
+                    let expect: Vec<u32> = (p.saturating_sub(4)..=p + 2)
+                        .filter(|q| q / 16 == p / 16 && q % 8 != 0)
+                        .filter(|&q| q < st.position(st.rows() - 1) + 1)
+                        .map(|q| (q % 50) as u32)
+                        .collect();
+                    assert_eq!(e.tokens, expect, "row {} at position {p}", e.row);
+                    // A context token's activation is the SAE's on that row.
+                    for (i, &a) in e.acts.iter().enumerate() {
+                        let j = e.row + i as u64 - e.focus as u64;
+                        let mut x = vec![0.0; d];
+                        st.read_row(j, &mut x);
+                        let c = s.encode(&x, 1);
+                        let v = c
+                            .idx
+                            .iter()
+                            .position(|&l| l as usize == feat.id)
+                            .map_or(0.0, |q| c.val[q]);
+                        assert_eq!(a, v);
+                    }
+                }
+            }
+            // Token texts that would end the script element if written raw.
+            let text = |t: u32| format!("</script>{t}");
+            write_browser(&dir.join("out"), &dir, &st, rows, &feats, &text).unwrap();
+            let html = std::fs::read_to_string(dir.join("out/browser.html")).unwrap();
+            assert!(!html.contains("__DATA__") && html.contains("\"rows_scanned\":8500"));
+            assert_eq!(
+                html.matches("</script>").count(),
+                1,
+                "only the real end tag"
+            );
+            let json: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("out/features.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(json["features"].as_array().unwrap().len(), f);
+            assert_eq!(json["vocab"]["3"], "</script>3");
+        }
+        // The SAE must read the store's width.
+        let wrong = sae(InferenceArch::Topk, d + 1, f, 3, &mut rng);
+        let err = browse(&st, &wrong, &BrowseOptions::default(), &|_| {}).unwrap_err();
+        assert!(format!("{err:#}").contains("dimensions"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
