@@ -1,11 +1,10 @@
 //! `saelab browse`: the feature browser of one SAE over an activation store.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use saelab_data::store::ActivationStore;
 use saelab_lm::{Model, WeightDtype};
-use saelab_report::browser::{browse, write_browser, BrowseOptions};
-use saelab_sae::Sae;
+use saelab_report::browser::{write_sae_browser, BrowseOptions};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -39,56 +38,31 @@ pub struct BrowseArgs {
 }
 
 pub fn run(a: BrowseArgs) -> Result<()> {
-    let sae = Sae::load(&a.sae)?;
     let store = ActivationStore::open(&a.store)
         .with_context(|| format!("opening activation store {}", a.store.display()))?;
-    let hook = &store.manifest().hook;
-    if !sae.metadata.hook_name.is_empty() && &sae.metadata.hook_name != hook {
-        bail!(
-            "{} was trained at {} but the store {} holds {hook}",
-            a.sae.display(),
-            sae.metadata.hook_name,
-            a.store.display()
-        );
-    }
     let model = Model::open(&a.model, WeightDtype::F32)?;
-    let tok = model.tokenizer();
     let opts = BrowseOptions {
         max_rows: a.rows,
         examples: a.examples,
         before: a.before,
         after: a.after,
     };
-    let rows = opts.max_rows.min(store.rows());
-    let pb = indicatif::ProgressBar::new(rows);
+    let pb = indicatif::ProgressBar::new(opts.max_rows.min(store.rows()));
     if let Ok(s) = indicatif::ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ({per_sec}, eta {eta})",
     ) {
         pb.set_style(s);
     }
-    let (scanned, features) = browse(&store, &sae, &opts, &|done| pb.set_position(done))?;
-    pb.finish_and_clear();
-    let vocab = tok.vocab_size() as u32;
-    if let Some(t) = features
-        .iter()
-        .flat_map(|f| &f.examples)
-        .flat_map(|e| &e.tokens)
-        .find(|&&t| t >= vocab)
-    {
-        bail!(
-            "token id {t} in {} is outside the vocabulary of {} ({vocab} tokens): pass the model the store was cached from with --model",
-            a.store.display(),
-            a.model
-        );
-    }
     let out = a.out.unwrap_or_else(|| a.sae.join("browser"));
-    write_browser(&out, &a.sae, &store, scanned, &features, &|t| {
-        tok.token_text(t)
+    let sum = write_sae_browser(model.tokenizer(), &store, &a.sae, &out, &opts, &|done| {
+        pb.set_position(done)
     })?;
-    let alive = features.iter().filter(|f| f.fires > 0).count();
+    pb.finish_and_clear();
     println!(
-        "{alive} of {} latents fire on the {scanned} rows scanned\nbrowser: {}\n         {}",
-        features.len(),
+        "{} of {} latents fire on the {} rows scanned\nbrowser: {}\n         {}",
+        sum.alive,
+        sum.latents,
+        sum.rows_scanned,
         out.join("browser.html").display(),
         out.join("features.json").display()
     );

@@ -290,6 +290,57 @@ pub fn write_browser(
     Ok(())
 }
 
+/// What [`write_sae_browser`] scanned and found.
+pub struct BrowseSummary {
+    pub rows_scanned: u64,
+    pub latents: usize,
+    /// Latents that fire on at least one scanned row.
+    pub alive: usize,
+}
+
+/// The whole `saelab browse`: load the SAE folder, check it against the store (width,
+/// hook) and the tokenizer against the store's tokens, scan, and write `out`.
+pub fn write_sae_browser(
+    tokenizer: &saelab_lm::Tokenizer,
+    store: &ActivationStore,
+    sae_dir: &Path,
+    out: &Path,
+    opts: &BrowseOptions,
+    progress: &dyn Fn(u64),
+) -> Result<BrowseSummary> {
+    let sae = Sae::load(sae_dir)?;
+    let hook = &store.manifest().hook;
+    if !sae.metadata.hook_name.is_empty() && &sae.metadata.hook_name != hook {
+        bail!(
+            "{} was trained at {} but the store {} holds {hook}",
+            sae_dir.display(),
+            sae.metadata.hook_name,
+            store.dir().display()
+        );
+    }
+    let (rows_scanned, features) = browse(store, &sae, opts, progress)?;
+    let vocab = tokenizer.vocab_size() as u32;
+    if let Some(t) = features
+        .iter()
+        .flat_map(|f| &f.examples)
+        .flat_map(|e| &e.tokens)
+        .find(|&&t| t >= vocab)
+    {
+        bail!(
+            "token id {t} in {} is outside the tokenizer's vocabulary ({vocab} tokens): the store was cached from another model",
+            store.dir().display()
+        );
+    }
+    write_browser(out, sae_dir, store, rows_scanned, &features, &|t| {
+        tokenizer.token_text(t)
+    })?;
+    Ok(BrowseSummary {
+        rows_scanned,
+        latents: features.len(),
+        alive: features.iter().filter(|f| f.fires > 0).count(),
+    })
+}
+
 const BROWSER_HTML: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>saelab feature browser</title>
 <style>

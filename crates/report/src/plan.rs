@@ -66,6 +66,10 @@ pub struct Plan {
     /// Dead-fraction above which the report flags a variant.
     #[serde(default = "default_dead_flag")]
     pub flag_dead_fraction: f64,
+    /// Feature browser (`saelab browse`) for each variant's first seed: rows of the
+    /// activation store it scans; 0 writes none.
+    #[serde(default = "default_browser_rows")]
+    pub browser_rows: u64,
     /// Shared training settings (keys of `saelab train`'s TOML).
     #[serde(default)]
     pub train: toml::Table,
@@ -115,6 +119,9 @@ fn default_eval_sizes() -> String {
 fn default_dead_flag() -> f64 {
     0.5
 }
+fn default_browser_rows() -> u64 {
+    crate::browser::BrowseOptions::default().max_rows
+}
 
 const TOP_KEYS: &[&str] = &[
     "name",
@@ -129,6 +136,7 @@ const TOP_KEYS: &[&str] = &[
     "baseline",
     "eval_sizes",
     "flag_dead_fraction",
+    "browser_rows",
     "train",
     "variants",
 ];

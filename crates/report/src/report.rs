@@ -26,6 +26,8 @@ pub struct ReportInput<'a> {
     pub variant_order: Vec<String>,
     pub flag_dead_fraction: f64,
     pub records: &'a [SeedRecord],
+    /// Feature browsers: (label, path relative to the run directory).
+    pub browsers: Vec<(String, String)>,
 }
 
 /// Metrics promoted to the headline table when present (matched by suffix).
@@ -612,6 +614,24 @@ pub fn write_report(run: &Path, input: &ReportInput) -> Result<()> {
         all.html.push_str(&html);
     }
     sections.push(all);
+    if !input.browsers.is_empty() {
+        let mut b = Section::new(
+            "Feature browsers",
+            "Each variant's first seed: its latents' top-activating tokens of this run's activation store, in context (saelab browse). Each opens from disk.",
+        );
+        b.html.push_str("<ul>");
+        for (label, href) in &input.browsers {
+            let _ = writeln!(b.md, "- [{label}]({href})");
+            let _ = write!(
+                b.html,
+                "<li><a href=\"{}\">{}</a></li>",
+                html_escape(href),
+                html_escape(label)
+            );
+        }
+        b.html.push_str("</ul>");
+        sections.push(b);
+    }
 
     // Write.
     let plot_dir = run.join("plots");
@@ -703,6 +723,10 @@ mod tests {
             variant_order: vec!["topk".into(), "ortho".into()],
             flag_dead_fraction: 0.5,
             records: &recs,
+            browsers: vec![(
+                "topk seed 0".into(),
+                "variants/topk/seed-0/browser/browser.html".into(),
+            )],
         };
         write_report(&dir, &input).unwrap();
         let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
@@ -715,9 +739,13 @@ mod tests {
             "Feature separation",
             "Self-correcting",
             "All metrics",
+            "Feature browsers",
         ] {
             assert!(html.contains(s) && md.contains(s), "missing section {s}");
         }
+        assert!(
+            html.contains("<a href=\"variants/topk/seed-0/browser/browser.html\">topk seed 0</a>")
+        );
         assert!(md.contains("ZERO STEPS"));
         assert!(md.contains("dead fraction 0.900 > 0.5"));
         // topk EV = mean(0.80, 0.82) = 0.81; ortho - topk over seeds 0 and 1: per-seed

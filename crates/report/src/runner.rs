@@ -266,6 +266,34 @@ pub fn run_plan(
                     t.elapsed().as_secs_f64()
                 );
             }
+            if plan.browser_rows > 0
+                && Some(&seed) == plan.seeds.first()
+                && !is_current(&browser_page(&dir), &dir)
+            {
+                overall.set_message(format!("feature browser of {} seed {seed}", v.name));
+                let t = Instant::now();
+                let opts = crate::browser::BrowseOptions {
+                    max_rows: plan.browser_rows,
+                    ..Default::default()
+                };
+                let page = browser_page(&dir);
+                let out = page.parent().expect("browser.html is in a folder");
+                crate::browser::write_sae_browser(
+                    model.tokenizer(),
+                    &store,
+                    &dir,
+                    out,
+                    &opts,
+                    &|_| {},
+                )
+                .with_context(|| format!("feature browser of {} seed {seed}", v.name))?;
+                tracing::info!(
+                    "feature browser of {} seed {seed} in {:.0} s: {}",
+                    v.name,
+                    t.elapsed().as_secs_f64(),
+                    browser_page(&dir).display()
+                );
+            }
             overall.inc(1);
         }
         write_run_report(run, plan)?;
@@ -294,21 +322,32 @@ fn train_values(variants: &[Variant], key: &str, default: &str) -> String {
 /// older than its input is redone.
 fn missing_evals(sae_dir: &Path, plan: &Plan) -> Result<Vec<String>> {
     let out = sae_dir.join("evals");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let weights = modified(&sae_dir.join(saelab_sae::io::WEIGHTS_FILE));
     let mut missing = Vec::new();
     for e in &plan.evals {
-        let result = modified(&out.join(crate::evalsetup::eval_file_name(e)?));
-        let current = match (result, weights) {
-            (Some(r), Some(w)) => r >= w,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if !current {
+        if !is_current(&out.join(crate::evalsetup::eval_file_name(e)?), sae_dir) {
             missing.push(e.clone());
         }
     }
     Ok(missing)
+}
+
+/// A result file derived from an SAE is current if it exists and is not older than the
+/// SAE's weights (an SAE re-exported since is evaluated, or browsed, again).
+fn is_current(result: &Path, sae_dir: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (
+        modified(result),
+        modified(&sae_dir.join(saelab_sae::io::WEIGHTS_FILE)),
+    ) {
+        (Some(r), Some(w)) => r >= w,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Where the runner writes a variant's feature browser (first seed only).
+pub fn browser_page(sae_dir: &Path) -> PathBuf {
+    sae_dir.join("browser").join("browser.html")
 }
 
 /// How much of the plan the run directory holds: every (variant, seed) trained and
@@ -366,6 +405,17 @@ pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
         ("evaluations".to_string(), plan.evals.join(", ")),
         ("evaluation sizes".to_string(), plan.eval_sizes.clone()),
     ];
+    let mut browsers = Vec::new();
+    if let Some(&seed) = plan.seeds.first() {
+        for v in &variants {
+            let dir = variant_dir(run, &v.name, seed);
+            let page = browser_page(&dir);
+            if page.exists() {
+                let rel = page.strip_prefix(run).unwrap_or(&page);
+                browsers.push((format!("{} seed {seed}", v.name), rel.display().to_string()));
+            }
+        }
+    }
     let input = ReportInput {
         title: format!("saelab experiment: {}", plan.name),
         setup,
@@ -373,6 +423,7 @@ pub fn write_run_report(run: &Path, plan: &Plan) -> Result<PathBuf> {
         variant_order: variants.iter().map(|v| v.name.clone()).collect(),
         flag_dead_fraction: plan.flag_dead_fraction,
         records: &records,
+        browsers,
     };
     write_report(run, &input)?;
     Ok(run.join("report.html"))

@@ -1,7 +1,7 @@
 //! End to end on the real model: a tiny plan (a few thousand tokens, tiny SAEs) runs
 //! through cache -> train -> evaluate -> report; a rerun skips finished work; a variant
 //! whose record says it trained zero steps is flagged in the report; an SAE re-exported
-//! since its evaluation is evaluated again.
+//! since its evaluation is evaluated (and browsed) again.
 
 use saelab_report::evalsetup::SuiteEvaluator;
 use saelab_report::plan::Plan;
@@ -115,6 +115,23 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
         assert!(html.contains(s), "report lacks section {s}");
     }
     assert!(!html.contains("ZERO STEPS"));
+    // Feature browsers for each variant's first seed, linked from the report.
+    for v in ["topk", "relu"] {
+        let d = run.join("variants").join(v);
+        assert!(
+            d.join("seed-0/browser/browser.html").exists(),
+            "{v}: no browser"
+        );
+        assert!(d.join("seed-0/browser/features.json").exists());
+        assert!(
+            !d.join("seed-1/browser").exists(),
+            "{v}: browser for a later seed"
+        );
+        assert!(
+            html.contains(&format!("variants/{v}/seed-0/browser/browser.html")),
+            "report does not link {v}'s browser"
+        );
+    }
     assert!(
         html.contains("complete: all 4 SAEs trained and evaluated"),
         "status row"
@@ -123,10 +140,12 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     // Resume: nothing is redone.
     let sae_file = run.join("variants/topk/seed-0/sae_weights.safetensors");
     let eval_file = run.join("variants/relu/seed-1/evals/core_eval_results.json");
-    let (t_sae, t_eval) = (mtime(&sae_file), mtime(&eval_file));
+    let browser = run.join("variants/topk/seed-0/browser/browser.html");
+    let (t_sae, t_eval, t_browser) = (mtime(&sae_file), mtime(&eval_file), mtime(&browser));
     run_plan(&plan, PLAN, &ev, &opts).unwrap();
     assert_eq!(mtime(&sae_file), t_sae, "finished training was redone");
     assert_eq!(mtime(&eval_file), t_eval, "finished evaluation was redone");
+    assert_eq!(mtime(&browser), t_browser, "a current browser was redone");
 
     // A record of zero steps is flagged.
     let sp = run.join("variants/relu/seed-1/summary.json");
@@ -167,6 +186,10 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
     );
     run_plan(&plan, PLAN, &ev, &opts).unwrap();
     assert!(mtime(&topk0_eval) >= mtime(&topk0.join("sae_weights.safetensors")));
+    assert!(
+        mtime(&browser) >= mtime(&topk0.join("sae_weights.safetensors")),
+        "the re-exported SAE's browser was not redone"
+    );
     assert!(eval_file.exists(), "the missing evaluation was redone");
     assert_eq!(
         mtime(&untouched),
