@@ -115,12 +115,15 @@ pub fn run_plan(
     if plan_path.exists() {
         let old = std::fs::read_to_string(&plan_path)
             .with_context(|| format!("cannot read {}", plan_path.display()))?;
-        let old_plan = Plan::parse(&old).with_context(|| {
+        let mut old_plan = Plan::parse(&old).with_context(|| {
             format!(
                 "{} (from an earlier run) is not a valid plan",
                 plan_path.display()
             )
         })?;
+        // Output only: browsers can be switched on or off when resuming (existing ones
+        // are kept), without making it another plan.
+        old_plan.browser_rows = plan.browser_rows;
         if toml::to_string(&old_plan)? != toml::to_string(plan)? {
             bail!("{} holds a different plan; resume it with the same plan or choose a new run directory", run.display());
         }

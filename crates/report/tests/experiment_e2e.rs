@@ -202,6 +202,23 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
         "{md}"
     );
 
+    // browser_rows is output only: changing it does not make another plan.
+    let no_browsers = format!("browser_rows = 0\n{PLAN}");
+    let (t_eval, t_browser) = (mtime(&eval_file), mtime(&browser));
+    run_plan(
+        &Plan::parse(&no_browsers).unwrap(),
+        &no_browsers,
+        &ev,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(mtime(&eval_file), t_eval, "finished evaluation was redone");
+    assert_eq!(
+        mtime(&browser),
+        t_browser,
+        "an existing browser is kept as it is"
+    );
+
     // A different plan in the same directory is refused before any compute.
     let other = PLAN.replace("train_tokens = 6144", "train_tokens = 8192");
     let e = run_plan(&Plan::parse(&other).unwrap(), &other, &ev, &opts).unwrap_err();
