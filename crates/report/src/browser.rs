@@ -318,7 +318,8 @@ pub fn write_sae_browser(
             store.dir().display()
         );
     }
-    let (rows_scanned, features) = browse(store, &sae, opts, progress)?;
+    let (rows_scanned, features) = browse(store, &sae, opts, progress)
+        .with_context(|| format!("browsing {}", sae_dir.display()))?;
     let vocab = tokenizer.vocab_size() as u32;
     if let Some(t) = features
         .iter()
