@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use saelab_data::cache::{cache_activations, CacheOptions};
 use saelab_data::corpus::load_corpus;
+use saelab_data::packing::PackMode;
 use saelab_data::store::Dtype;
 use saelab_lm::{HookPoint, Model, WeightDtype};
 use std::path::PathBuf;
@@ -32,9 +33,14 @@ pub struct CacheArgs {
     /// Output directory of the activation store (an interrupted run resumes here).
     #[arg(long)]
     pub out: PathBuf,
-    /// Context length of each packed row (BOS first, BOS between documents).
+    /// Context length of each packed row (BOS first).
     #[arg(long, default_value_t = 128)]
     pub ctx_len: usize,
+    /// How documents fill the rows: `concat` (as SAELens: documents joined with a BOS
+    /// between them, every row full) or `per-doc` (no concatenation: one document per
+    /// row, truncated to the context length; the padding is not stored).
+    #[arg(long, default_value = "concat")]
+    pub pack: PackMode,
     /// Rows per LM forward.
     #[arg(long, default_value_t = 8)]
     pub batch_rows: usize,
@@ -59,6 +65,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
     let mut opts = CacheOptions::new(hook);
     opts.tokens = a.tokens;
     opts.ctx_len = a.ctx_len;
+    opts.pack_mode = a.pack;
     opts.batch_rows = a.batch_rows;
     opts.dtype = Dtype::parse(&a.dtype)?;
     opts.drop_special = !a.keep_special;

@@ -29,6 +29,20 @@ pub enum PackMode {
     PerDoc,
 }
 
+impl std::str::FromStr for PackMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "concat" => PackMode::Concat,
+            "per-doc" => PackMode::PerDoc,
+            _ => bail!(
+                "unknown packing {s:?}: concat (documents joined with BOS between them, every \
+                 row full, as SAELens) or per-doc (one document per row, truncated and padded)"
+            ),
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PackOptions {
     pub ctx_len: usize,

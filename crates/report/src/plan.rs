@@ -46,6 +46,10 @@ pub struct Plan {
     pub train_tokens: u64,
     #[serde(default = "default_ctx")]
     pub ctx_len: usize,
+    /// How documents fill the rows of the activation cache: "concat" (as SAELens) or
+    /// "per-doc" (no concatenation: one document per row, padding not stored).
+    #[serde(default = "default_pack")]
+    pub pack: String,
     /// LM arithmetic for caching and the evaluations' LM passes: "f32" (exact),
     /// "bf16-weights" (half the weight memory, f32 arithmetic) or "bf16" (bf16 products
     /// with f32 sums, on AMX tiles where the CPU has them; ~2x faster there).
@@ -104,6 +108,9 @@ fn default_corpus() -> String {
 fn default_ctx() -> usize {
     128
 }
+fn default_pack() -> String {
+    "concat".into()
+}
 fn default_lm_precision() -> String {
     "f32".into()
 }
@@ -130,6 +137,7 @@ const TOP_KEYS: &[&str] = &[
     "corpus",
     "train_tokens",
     "ctx_len",
+    "pack",
     "lm_precision",
     "seeds",
     "evals",
@@ -176,6 +184,11 @@ impl Plan {
     /// The LM precision the plan names (`lm_precision`), parsed.
     pub fn lm_weights(&self) -> Result<saelab_lm::WeightDtype> {
         self.lm_precision.parse().context("lm_precision")
+    }
+
+    /// The parsed `pack` key.
+    pub fn pack_mode(&self) -> Result<saelab_data::packing::PackMode> {
+        self.pack.parse().context("pack")
     }
 
     /// Read, check and parse a plan file.
@@ -256,6 +269,7 @@ impl Plan {
             );
         }
         self.lm_weights()?;
+        self.pack_mode()?;
         if self.variants.is_empty() {
             bail!("the plan has no [[variants]]");
         }
@@ -435,6 +449,11 @@ grid = { "method.lambda_max" = [0.1, 0.3] }
                 "seeds = [1, 2]",
                 "seeds = [1, 2]\nlm_precision = \"fp8\"",
                 "unknown LM precision \"fp8\"",
+            ),
+            (
+                "seeds = [1, 2]",
+                "seeds = [1, 2]\npack = \"per-document\"",
+                "unknown packing \"per-document\"",
             ),
         ] {
             let e = Plan::parse(&PLAN.replacen(from, to, 1)).unwrap_err();

@@ -161,6 +161,7 @@ pub fn run_plan(
         let mut co = CacheOptions::new(hook);
         co.tokens = plan.train_tokens;
         co.ctx_len = plan.ctx_len;
+        co.pack_mode = plan.pack_mode()?;
         co.progress = opts.progress;
         cache_activations(&model, &dataset, &co, &store_dir)?;
     }
