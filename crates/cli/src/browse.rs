@@ -54,7 +54,7 @@ pub fn run(a: BrowseArgs) -> Result<()> {
         pb.set_style(s);
     }
     let out = a.out.unwrap_or_else(|| a.sae.join("browser"));
-    let sum = write_sae_browser(model.tokenizer(), &store, &a.sae, &out, &opts, &|done| {
+    let sum = write_sae_browser(&model, &store, &a.sae, &out, &opts, &|done| {
         pb.set_position(done)
     })?;
     pb.finish_and_clear();

@@ -315,6 +315,26 @@ impl Model {
         self.weights.bytes()
     }
 
+    /// Direct effect of residual-stream directions on the logits, `(dir ⊙ g) W_U^T` for
+    /// each row of `dirs` `[n, d_model]` (`g` = the final norm's weight, which
+    /// TransformerLens folds into W_U), `[n, vocab]`. The final norm's division by the
+    /// residual's RMS depends on the whole residual and is left out, as SAE dashboards do;
+    /// so is Gemma-2's final soft-cap. For a residual of RMS 1 this is the model's logits.
+    pub fn logit_effect(&self, dirs: &[f32], n: usize) -> Vec<f32> {
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
+        assert_eq!(dirs.len(), n * d, "logit_effect: dirs must be [n, d_model]");
+        let mut scaled = dirs.to_vec();
+        for row in scaled.chunks_exact_mut(d) {
+            for (x, g) in row.iter_mut().zip(&self.weights.final_norm) {
+                *x *= g;
+            }
+        }
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        let mut out = vec![0f32; n * v];
+        ops::linear(&scaled, n, head, v, d, &mut out);
+        out
+    }
+
     /// Run `tokens` (row-major `[batch, seq]`, causal within each row, positions `0..seq`)
     /// through the model, applying `hooks`. With `hooks.logits(false)` the forward stops
     /// right after the last hook point.

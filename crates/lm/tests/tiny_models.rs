@@ -515,6 +515,35 @@ fn check_hooks(m: &Model) {
     assert_eq!(&l2[seq * v..], &base[seq * v..]);
 }
 
+/// The logit effect of a direction equals the logits of resuming at the last
+/// `hook_resid_post` from a residual of RMS 1 (scaled so that mean(x²) + eps = 1, so the
+/// final norm divides by exactly 1), with the final soft-cap applied where the model has one.
+fn check_logit_effect(m: &Model) {
+    let c = m.config();
+    let (d, seq) = (c.d_model, 6);
+    let toks = tokens(m, 1, seq);
+    let mut x: Vec<f32> = (0..seq * d)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    for row in x.chunks_exact_mut(d) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let s = ((1.0 - c.rms_eps) / ms).sqrt();
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let last = HookPoint::new(c.n_layers - 1, HookKind::ResidPost);
+    let logits = m
+        .forward_from(last, &x, &toks, 1, seq, &mut Hooks::new())
+        .unwrap()
+        .logits
+        .unwrap();
+    let mut effect = m.logit_effect(&x, seq);
+    if let Some(cap) = c.final_softcap {
+        effect.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+    }
+    assert_close(&effect, &logits, 1e-4);
+    assert!(effect.iter().any(|&z| z.abs() > 0.1), "a nontrivial check");
+}
+
 fn assert_close(a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
@@ -528,6 +557,7 @@ fn tiny_llama_safetensors_hooks_and_gguf_equivalence() {
     let m = Model::load(&dir).unwrap();
     assert_eq!(m.config().arch, saelab_lm::Arch::Llama);
     check_hooks(&m);
+    check_logit_effect(&m);
     // The same weights through GGUF (permuted Q/K, tokenizer from metadata) agree.
     let gpath = dir.join("tiny.gguf");
     write_gguf(&gpath, false, "llama");
@@ -570,6 +600,7 @@ fn tiny_gemma2_safetensors_hooks_and_gguf_equivalence() {
     assert_eq!(c.sliding_layers, vec![true, false, true]);
     assert_eq!(c.rope_theta, 10000.0);
     check_hooks(&m);
+    check_logit_effect(&m);
     // Final soft-cap bounds the logits.
     let toks = tokens(&m, 1, 12);
     let a = m

@@ -65,6 +65,11 @@ pub struct Feature {
     /// Mean activation over the rows it fires on (0 if it never fires).
     pub mean_active: f64,
     pub examples: Vec<Example>,
+    /// Tokens whose logits the latent's decoder direction raises / lowers most
+    /// (`Model::logit_effect`), `(token, effect)`, largest magnitude first; empty when
+    /// no model was given.
+    pub promotes: Vec<(u32, f32)>,
+    pub suppresses: Vec<(u32, f32)>,
 }
 
 /// Per-latent top-k of `(value, row)`: strictly larger values enter, so among equal
@@ -207,6 +212,8 @@ pub fn browse(
                     acts: w.iter().map(|&j| acts[&(j, l as u32)]).collect(),
                 })
                 .collect(),
+            promotes: Vec::new(),
+            suppresses: Vec::new(),
         })
         .collect();
     Ok((rows, features))
@@ -241,6 +248,50 @@ fn activations_at(
     out
 }
 
+/// `(token, value)` pairs.
+type TokenValues = Vec<(u32, f32)>;
+
+/// The `n` largest and `n` smallest entries of `row` as `(index, value)`, largest first
+/// and smallest first (ties: the lower index).
+fn extremes(row: &[f32], n: usize) -> (TokenValues, TokenValues) {
+    let n = n.min(row.len());
+    let v = |i: &u32| row[*i as usize];
+    // The first `n` in a strict order (value, then index), found by selection and then
+    // sorted: linear in the vocabulary instead of a full sort per latent.
+    let first_n = |cmp: &dyn Fn(&u32, &u32) -> std::cmp::Ordering| -> TokenValues {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+        idx.sort_by(cmp);
+        idx.into_iter().map(|i| (i, row[i as usize])).collect()
+    };
+    (
+        first_n(&|a, b| v(b).total_cmp(&v(a)).then(a.cmp(b))),
+        first_n(&|a, b| v(a).total_cmp(&v(b)).then(a.cmp(b))),
+    )
+}
+
+/// Fill every feature's `promotes` / `suppresses` with the `n` tokens its decoder
+/// direction raises and lowers most.
+pub fn add_logit_effects(model: &saelab_lm::Model, sae: &Sae, features: &mut [Feature], n: usize) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 128;
+    let d = sae.d_in;
+    for (c, chunk) in features.chunks_mut(CHUNK).enumerate() {
+        let first = c * CHUNK;
+        let dirs = &sae.w_dec[first * d..(first + chunk.len()) * d];
+        let effect = model.logit_effect(dirs, chunk.len());
+        let v = effect.len() / chunk.len();
+        chunk
+            .par_iter_mut()
+            .zip(effect.par_chunks_exact(v))
+            .for_each(|(f, row)| (f.promotes, f.suppresses) = extremes(row, n));
+    }
+}
+
 #[derive(Serialize)]
 struct BrowserData<'a> {
     sae: String,
@@ -265,10 +316,15 @@ pub fn write_browser(
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut vocab = BTreeMap::new();
+    let logit_tokens = features
+        .iter()
+        .flat_map(|f| f.promotes.iter().chain(&f.suppresses))
+        .map(|(t, _)| t);
     for t in features
         .iter()
         .flat_map(|f| &f.examples)
         .flat_map(|e| &e.tokens)
+        .chain(logit_tokens)
     {
         vocab.entry(*t).or_insert_with(|| token_text(*t));
     }
@@ -290,6 +346,9 @@ pub fn write_browser(
     Ok(())
 }
 
+/// Tokens listed per latent as most promoted and most suppressed.
+const LOGIT_TOKENS: usize = 8;
+
 /// What [`write_sae_browser`] scanned and found.
 pub struct BrowseSummary {
     pub rows_scanned: u64,
@@ -301,7 +360,7 @@ pub struct BrowseSummary {
 /// The whole `saelab browse`: load the SAE folder, check it against the store (width,
 /// hook) and the tokenizer against the store's tokens, scan, and write `out`.
 pub fn write_sae_browser(
-    tokenizer: &saelab_lm::Tokenizer,
+    model: &saelab_lm::Model,
     store: &ActivationStore,
     sae_dir: &Path,
     out: &Path,
@@ -318,8 +377,9 @@ pub fn write_sae_browser(
             store.dir().display()
         );
     }
-    let (rows_scanned, features) = browse(store, &sae, opts, progress)
+    let (rows_scanned, mut features) = browse(store, &sae, opts, progress)
         .with_context(|| format!("browsing {}", sae_dir.display()))?;
+    let tokenizer = model.tokenizer();
     let vocab = tokenizer.vocab_size() as u32;
     if let Some(t) = features
         .iter()
@@ -332,6 +392,15 @@ pub fn write_sae_browser(
             store.dir().display()
         );
     }
+    if sae.d_in != model.config().d_model {
+        bail!(
+            "{} reads {} dimensions but the model's residual stream has {}",
+            sae_dir.display(),
+            sae.d_in,
+            model.config().d_model
+        );
+    }
+    add_logit_effects(model, &sae, &mut features, LOGIT_TOKENS);
     write_browser(out, sae_dir, store, rows_scanned, &features, &|t| {
         tokenizer.token_text(t)
     })?;
@@ -394,6 +463,13 @@ function show(f){
   const p = document.createElement('p');
   p.textContent = `fires on ${f.fires} of ${N} rows (${(100 * f.fires / N).toPrecision(3)}%), mean activation when firing ${fmt(f.mean_active)}`;
   m.appendChild(p);
+  for (const [label, list] of [['promotes', f.promotes], ['suppresses', f.suppresses]]) {
+    if (!list.length) continue;
+    const q = document.createElement('p');
+    q.textContent = `${label} (logit effect of its decoder direction): ` +
+      list.map(([t, v]) => `${JSON.stringify(tok(t))} ${v >= 0 ? '+' : ''}${fmt(v)}`).join('  ');
+    m.appendChild(q);
+  }
   const max = f.examples.length ? f.examples[0].value : 1;
   for (const e of f.examples) {
     const div = document.createElement('div'); div.className = 'ex';
@@ -503,6 +579,25 @@ mod tests {
                 (fires, v)
             })
             .collect()
+    }
+
+    #[test]
+    fn extremes_are_the_sorted_ends() {
+        let mut rng = Rng::new(3);
+        let mut row: Vec<f32> = (0..500).map(|_| rng.normal()).collect();
+        row[7] = row[9]; // a tie
+        let (top, bottom) = extremes(&row, 8);
+        let mut sorted: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        assert_eq!(top, sorted[..8]);
+        sorted.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        assert_eq!(bottom, sorted[..8]);
+        assert_eq!(extremes(&row[..3], 8).0.len(), 3);
+        assert_eq!(extremes(&row, 0), (vec![], vec![]));
     }
 
     #[test]

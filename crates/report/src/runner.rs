@@ -282,15 +282,8 @@ pub fn run_plan(
                 };
                 let page = browser_page(&dir);
                 let out = page.parent().expect("browser.html is in a folder");
-                crate::browser::write_sae_browser(
-                    model.tokenizer(),
-                    &store,
-                    &dir,
-                    out,
-                    &opts,
-                    &|_| {},
-                )
-                .with_context(|| format!("feature browser of {} seed {seed}", v.name))?;
+                crate::browser::write_sae_browser(&model, &store, &dir, out, &opts, &|_| {})
+                    .with_context(|| format!("feature browser of {} seed {seed}", v.name))?;
                 tracing::info!(
                     "feature browser of {} seed {seed} in {:.0} s: {}",
                     v.name,
