@@ -169,6 +169,18 @@ pub fn run_plan(
     {
         // A complete store is reused as is: make sure it is this plan's.
         let m = store.manifest();
+        let packing = format!("{:?}", plan.pack_mode()?);
+        if m.source
+            .get("pack_mode")
+            .is_some_and(|p| *p != packing.as_str())
+        {
+            bail!(
+                "{} holds activations packed as {}, but the plan asks for `pack = \"{}\"`; use a new run directory",
+                store_dir.display(),
+                m.source["pack_mode"],
+                plan.pack
+            );
+        }
         if m.hook != plan.hook
             || m.ctx_len != plan.ctx_len
             || m.model != model.name_with_precision()

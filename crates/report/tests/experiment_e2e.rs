@@ -242,6 +242,11 @@ fn tiny_plan_end_to_end_then_resume_skips_and_flags_zero_steps() {
         format!("{e:#}").contains("holds activations of") && format!("{e:#}").contains("[bf16]"),
         "{e:#}"
     );
+    // ... nor by a plan that packs one document per row.
+    let _ = std::fs::remove_file(run2.join("plan.toml"));
+    let per_doc = PLAN.replace("seeds = [0, 1]", "seeds = [0, 1]\npack = \"per-doc\"");
+    let e = run_plan(&Plan::parse(&per_doc).unwrap(), &per_doc, &ev, &opts2).unwrap_err();
+    assert!(format!("{e:#}").contains("packed as \"Concat\""), "{e:#}");
     std::fs::remove_dir_all(&run2).unwrap();
     std::fs::remove_dir_all(&run).unwrap();
 }
