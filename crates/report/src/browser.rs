@@ -62,6 +62,9 @@ pub struct Feature {
     pub id: usize,
     /// Rows on which the latent is nonzero.
     pub fires: u64,
+    /// Those rows' activations counted in [`HIST_BINS`] log-spaced bins from
+    /// [`HIST_LO`] to [`HIST_HI`] (values outside go to the first / last bin).
+    pub hist: Vec<u32>,
     /// Mean activation over the rows it fires on (0 if it never fires).
     pub mean_active: f64,
     pub examples: Vec<Example>,
@@ -70,6 +73,17 @@ pub struct Feature {
     /// no model was given.
     pub promotes: Vec<(u32, f32)>,
     pub suppresses: Vec<(u32, f32)>,
+}
+
+/// Activation histogram: bins of equal width in log10 between these bounds.
+pub const HIST_BINS: usize = 25;
+pub const HIST_LO: f32 = 1e-2;
+pub const HIST_HI: f32 = 1e3;
+
+/// The histogram bin of a positive activation (values outside the range are clamped).
+fn hist_bin(v: f32) -> usize {
+    let t = (v.log10() - HIST_LO.log10()) / (HIST_HI.log10() - HIST_LO.log10());
+    ((t * HIST_BINS as f32).floor().max(0.0) as usize).min(HIST_BINS - 1)
 }
 
 /// Per-latent top-k of `(value, row)`: strictly larger values enter, so among equal
@@ -135,6 +149,7 @@ pub fn browse(
     let f = sae.d_sae;
     let mut top = TopK::new(f, opts.examples);
     let mut fires = vec![0u64; f];
+    let mut hist = vec![0u32; f * HIST_BINS];
     let mut sums = vec![0f64; f];
     let mut x = Vec::new();
     let mut start = 0u64;
@@ -149,6 +164,7 @@ pub fn browse(
                 if v != 0.0 {
                     let l = l as usize;
                     fires[l] += 1;
+                    hist[l * HIST_BINS + hist_bin(v.abs())] += 1;
                     sums[l] += v as f64;
                     top.offer(l, v, start + r as u64);
                 }
@@ -194,6 +210,7 @@ pub fn browse(
         .map(|(l, ex)| Feature {
             id: l,
             fires: fires[l],
+            hist: hist[l * HIST_BINS..(l + 1) * HIST_BINS].to_vec(),
             mean_active: if fires[l] > 0 {
                 sums[l] / fires[l] as f64
             } else {
@@ -299,6 +316,8 @@ struct BrowserData<'a> {
     model: &'a str,
     hook: &'a str,
     rows_scanned: u64,
+    /// Histogram bin edges (`HIST_BINS + 1` values).
+    hist_edges: Vec<f32>,
     /// Token id -> its text, for every token in an example.
     vocab: BTreeMap<u32, String>,
     features: &'a [Feature],
@@ -335,6 +354,12 @@ pub fn write_browser(
         model: &m.model,
         hook: &m.hook,
         rows_scanned,
+        hist_edges: (0..=HIST_BINS)
+            .map(|i| {
+                let t = i as f32 / HIST_BINS as f32;
+                10f32.powf(HIST_LO.log10() + t * (HIST_HI.log10() - HIST_LO.log10()))
+            })
+            .collect(),
         vocab,
         features,
     };
@@ -425,6 +450,8 @@ tr.f:hover{background:#eef;cursor:pointer}
 .focus{outline:1px solid #c00}
 #head{padding:8px;position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc}
 small{color:#666}
+.hist{display:flex;align-items:flex-end;gap:1px;height:62px;width:400px;border-bottom:1px solid #999;margin-top:6px}
+.hist div{flex:1;background:#f80}
 </style></head><body>
 <div id="list"><div id="head"><b>saelab feature browser</b><br><small id="meta"></small><br>
 latent <input id="q" size="6" placeholder="id"> <label><input type="checkbox" id="dead"> show dead</label></div>
@@ -463,6 +490,21 @@ function show(f){
   const p = document.createElement('p');
   p.textContent = `fires on ${f.fires} of ${N} rows (${(100 * f.fires / N).toPrecision(3)}%), mean activation when firing ${fmt(f.mean_active)}`;
   m.appendChild(p);
+  if (f.fires) {
+    // Activation histogram: log-spaced bins, bar height relative to the fullest bin.
+    const top = Math.max(...f.hist), E = DATA.hist_edges;
+    const h = document.createElement('div'); h.className = 'hist';
+    f.hist.forEach((c, i) => {
+      const b = document.createElement('div');
+      b.style.height = (c ? Math.max(1, 60 * c / top) : 0) + 'px';
+      b.title = `${fmt(E[i])} to ${fmt(E[i + 1])}: ${c} rows`;
+      h.appendChild(b);
+    });
+    m.appendChild(h);
+    const cap = document.createElement('small');
+    cap.textContent = `activation histogram, log scale ${fmt(E[0])} to ${fmt(E[E.length - 1])} (hover a bar for its range and count)`;
+    m.appendChild(cap);
+  }
   for (const [label, list] of [['promotes', f.promotes], ['suppresses', f.suppresses]]) {
     if (!list.length) continue;
     const q = document.createElement('p');
@@ -582,6 +624,18 @@ mod tests {
     }
 
     #[test]
+    fn histogram_bins_are_log_spaced_and_clamped() {
+        // 5 decades in 25 bins: 5 bins per decade.
+        assert_eq!(hist_bin(1e-2), 0);
+        assert_eq!(hist_bin(1e-5), 0);
+        assert_eq!(hist_bin(0.99e-1), 4);
+        assert_eq!(hist_bin(1.01e-1), 5);
+        assert_eq!(hist_bin(1.0001), 10);
+        assert_eq!(hist_bin(999.0), 24);
+        assert_eq!(hist_bin(1e6), 24);
+    }
+
+    #[test]
     fn extremes_are_the_sorted_ends() {
         let mut rng = Rng::new(3);
         let mut row: Vec<f32> = (0..500).map(|_| rng.normal()).collect();
@@ -625,6 +679,7 @@ mod tests {
             );
             for (feat, (fires, top)) in feats.iter().zip(&want) {
                 assert_eq!(feat.fires, *fires, "latent {}", feat.id);
+                assert_eq!(feat.hist.iter().map(|&c| c as u64).sum::<u64>(), *fires);
                 let got: Vec<(f32, u64)> = feat.examples.iter().map(|e| (e.value, e.row)).collect();
                 assert_eq!(&got, top, "latent {}", feat.id);
                 for e in &feat.examples {
