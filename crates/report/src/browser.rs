@@ -80,10 +80,18 @@ pub const HIST_BINS: usize = 25;
 pub const HIST_LO: f32 = 1e-2;
 pub const HIST_HI: f32 = 1e3;
 
-/// The histogram bin of a positive activation (values outside the range are clamped).
-fn hist_bin(v: f32) -> usize {
-    let t = (v.log10() - HIST_LO.log10()) / (HIST_HI.log10() - HIST_LO.log10());
-    ((t * HIST_BINS as f32).floor().max(0.0) as usize).min(HIST_BINS - 1)
+/// The `HIST_BINS + 1` bin edges, `HIST_LO` to `HIST_HI` evenly in log10.
+fn hist_edges() -> Vec<f32> {
+    let (lo, hi) = (HIST_LO.log10(), HIST_HI.log10());
+    (0..=HIST_BINS)
+        .map(|i| 10f32.powf(lo + (hi - lo) * i as f32 / HIST_BINS as f32))
+        .collect()
+}
+
+/// The bin of a positive activation given the edges: the number of inner edges at or
+/// below it (a few comparisons; values outside the range fall in the end bins).
+fn hist_bin(edges: &[f32], v: f32) -> usize {
+    edges[1..HIST_BINS].partition_point(|&e| e <= v)
 }
 
 /// Per-latent top-k of `(value, row)`: strictly larger values enter, so among equal
@@ -150,6 +158,7 @@ pub fn browse(
     let mut top = TopK::new(f, opts.examples);
     let mut fires = vec![0u64; f];
     let mut hist = vec![0u32; f * HIST_BINS];
+    let edges = hist_edges();
     let mut sums = vec![0f64; f];
     let mut x = Vec::new();
     let mut start = 0u64;
@@ -164,7 +173,7 @@ pub fn browse(
                 if v != 0.0 {
                     let l = l as usize;
                     fires[l] += 1;
-                    hist[l * HIST_BINS + hist_bin(v.abs())] += 1;
+                    hist[l * HIST_BINS + hist_bin(&edges, v.abs())] += 1;
                     sums[l] += v as f64;
                     top.offer(l, v, start + r as u64);
                 }
@@ -354,12 +363,7 @@ pub fn write_browser(
         model: &m.model,
         hook: &m.hook,
         rows_scanned,
-        hist_edges: (0..=HIST_BINS)
-            .map(|i| {
-                let t = i as f32 / HIST_BINS as f32;
-                10f32.powf(HIST_LO.log10() + t * (HIST_HI.log10() - HIST_LO.log10()))
-            })
-            .collect(),
+        hist_edges: hist_edges(),
         vocab,
         features,
     };
@@ -626,6 +630,9 @@ mod tests {
     #[test]
     fn histogram_bins_are_log_spaced_and_clamped() {
         // 5 decades in 25 bins: 5 bins per decade.
+        let e = hist_edges();
+        assert_eq!((e.len(), e[0], e[10], e[HIST_BINS]), (26, 1e-2, 1.0, 1e3));
+        let hist_bin = |v| hist_bin(&e, v);
         assert_eq!(hist_bin(1e-2), 0);
         assert_eq!(hist_bin(1e-5), 0);
         assert_eq!(hist_bin(0.99e-1), 4);
