@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use saelab_data::store::ActivationStore;
 use saelab_lm::{Model, WeightDtype};
-use saelab_report::browser::{write_sae_browser, BrowseOptions};
+use saelab_report::browser::{self, write_sae_browser, BrowseOptions};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -53,7 +53,7 @@ pub fn run(a: BrowseArgs) -> Result<()> {
     ) {
         pb.set_style(s);
     }
-    let out = a.out.unwrap_or_else(|| a.sae.join("browser"));
+    let out = a.out.unwrap_or_else(|| browser::default_dir(&a.sae));
     let sum = write_sae_browser(&model, &store, &a.sae, &out, &opts, &|done| {
         pb.set_position(done)
     })?;
@@ -63,8 +63,8 @@ pub fn run(a: BrowseArgs) -> Result<()> {
         sum.alive,
         sum.latents,
         sum.rows_scanned,
-        out.join("browser.html").display(),
-        out.join("features.json").display()
+        out.join(browser::PAGE_FILE).display(),
+        out.join(browser::DATA_FILE).display()
     );
     Ok(())
 }

@@ -6,7 +6,7 @@ use saelab_report::evalsetup::SuiteEvaluator;
 use saelab_report::plan::Plan;
 use saelab_report::results::load_records;
 use saelab_report::runner::{run_plan, write_run_report, RunOptions};
-use saelab_report::stats::{format_diff, format_summary, seed_diff, summarize};
+use saelab_report::stats::{format_diff, format_summary, seed_diff, summarize_seeds};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -186,10 +186,9 @@ pub fn compare(a: CompareArgs) -> Result<()> {
             }
             let empty = Vec::new();
             let (va, vb) = (xa.get(k).unwrap_or(&empty), xb.get(k).unwrap_or(&empty));
-            let values = |xs: &[(u64, f64)]| xs.iter().map(|&(_, x)| x).collect::<Vec<_>>();
             let (sa, sb) = (
-                format_summary(&summarize(&values(va))),
-                format_summary(&summarize(&values(vb))),
+                format_summary(&summarize_seeds(va)),
+                format_summary(&summarize_seeds(vb)),
             );
             let d = if va.is_empty() || vb.is_empty() {
                 "n/a".to_string()

@@ -17,7 +17,7 @@ use saelab_data::store::ActivationStore;
 use saelab_sae::Sae;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What to scan and how much to keep.
 #[derive(Clone, Debug)]
@@ -332,7 +332,16 @@ struct BrowserData<'a> {
     features: &'a [Feature],
 }
 
-/// Write `browser.html` and `features.json` into `out` (each atomically).
+/// The browser's page and its data file, inside the output folder.
+pub const PAGE_FILE: &str = "browser.html";
+pub const DATA_FILE: &str = "features.json";
+
+/// Where an SAE's browser goes unless another folder is named: `SAE/browser`.
+pub fn default_dir(sae_dir: &Path) -> PathBuf {
+    sae_dir.join("browser")
+}
+
+/// Write [`PAGE_FILE`] and [`DATA_FILE`] into `out` (each atomically).
 /// `token_text` gives the text of a token id (the model's tokenizer).
 pub fn write_browser(
     out: &Path,
@@ -368,10 +377,10 @@ pub fn write_browser(
         features,
     };
     let json = serde_json::to_string(&data)?;
-    saelab_core::fsutil::write_atomic(&out.join("features.json"), json.as_bytes())?;
+    saelab_core::fsutil::write_atomic(&out.join(DATA_FILE), json.as_bytes())?;
     // Inside <script>, "</" would end the element early: JSON allows "<\/".
     let html = BROWSER_HTML.replace("__DATA__", &json.replace("</", "<\\/"));
-    saelab_core::fsutil::write_atomic(&out.join("browser.html"), html.as_bytes())?;
+    saelab_core::fsutil::write_atomic(&out.join(PAGE_FILE), html.as_bytes())?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 
 use crate::plots::{html_escape, line_chart, scatter_errors, ErrPoint, Series};
 use crate::results::SeedRecord;
-use crate::stats::{format_diff, format_summary, seed_diff, summarize};
+use crate::stats::{format_diff, format_summary, seed_diff, summarize, summarize_seeds};
 use anyhow::Result;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,7 +122,7 @@ fn metric_table(input: &ReportInput, variants: &[String], keys: &[String]) -> (S
         let _ = write!(html, "<tr><td>{}</td>", html_escape(v));
         for k in keys {
             let x = values_by_seed(input.records, v, k);
-            let s = summarize(&x.iter().map(|&(_, x)| x).collect::<Vec<_>>());
+            let s = summarize_seeds(&x);
             let diff = if v == &input.baseline {
                 "—".to_string()
             } else {

@@ -292,9 +292,8 @@ pub fn run_plan(
                     max_rows: plan.browser_rows,
                     ..Default::default()
                 };
-                let page = browser_page(&dir);
-                let out = page.parent().expect("browser.html is in a folder");
-                crate::browser::write_sae_browser(&model, &store, &dir, out, &opts, &|_| {})
+                let out = crate::browser::default_dir(&dir);
+                crate::browser::write_sae_browser(&model, &store, &dir, &out, &opts, &|_| {})
                     .with_context(|| format!("feature browser of {} seed {seed}", v.name))?;
                 tracing::info!(
                     "feature browser of {} seed {seed} in {:.0} s: {}",
@@ -356,7 +355,7 @@ fn is_current(result: &Path, sae_dir: &Path) -> bool {
 
 /// Where the runner writes a variant's feature browser (first seed only).
 pub fn browser_page(sae_dir: &Path) -> PathBuf {
-    sae_dir.join("browser").join("browser.html")
+    crate::browser::default_dir(sae_dir).join(crate::browser::PAGE_FILE)
 }
 
 /// How much of the plan the run directory holds: every (variant, seed) trained and

@@ -79,6 +79,11 @@ pub fn summarize(values: &[f64]) -> Summary {
     }
 }
 
+/// [`summarize`] of per-seed values `(seed, value)`.
+pub fn summarize_seeds(values: &[(u64, f64)]) -> Summary {
+    summarize(&values.iter().map(|&(_, x)| x).collect::<Vec<_>>())
+}
+
 /// Difference of means `a - b` with a Welch 95% interval half-width.
 pub fn welch_diff(a: &[f64], b: &[f64]) -> Summary {
     let sa = summarize(a);
